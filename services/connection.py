@@ -1,0 +1,319 @@
+"""A child: one MQTT connection, for one site.
+
+Started by the monitor, which writes the connection's settings (password
+included) to the child's stdin: never argv, never the environment. For
+debugging, run one alone; it then reads its settings from the database:
+
+    python -m services.connection --connection-id 7
+
+It connects with paho-mqtt (v2 callback API) in a single-threaded loop that
+polls the MQTT socket, the logger's acks and a signal pipe together; it
+subscribes, parses each message with the connection's parser and sends data
+and parse errors to the logger. Its life is one state machine (``transition``)
+that reports every change. Retries back off exponentially with jitter; after
+``SITELINK_MAX_RETRIES`` failures in a row it reports that it gives up and
+exits with ``exitcodes.GAVE_UP``, and the monitor leaves it stopped until the
+cool-down (``mqtt_next_retry``) has passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import ssl
+import sys
+import time
+import traceback
+
+import paho.mqtt.client as mqtt
+import zmq
+from loguru import logger
+
+from shared import backoff, config, db, exitcodes, logs, parsers, protocol
+from shared.connections import ConnectionSettings
+from shared.events import EventSender
+from shared.protocol import ConnectionLog, Data, ParseFailure, StatusChange
+from shared.signals import SignalPipe
+
+PR_SET_PDEATHSIG = 1
+#: How often the loop wakes at the least, for keepalive pings and timers.
+TICK = 1.0
+
+
+def die_with_parent(monitor_pid: int) -> None:
+    """Ask the kernel for SIGTERM when our parent dies, even by SIGKILL.
+
+    Then check the parent is still the monitor: if it died before the prctl,
+    we were already re-parented and the signal will never come.
+    """
+    if not monitor_pid:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the ppid check below still helps
+        pass
+    if os.getppid() != monitor_pid:
+        sys.exit(exitcodes.ORPHANED)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """An operator-readable reason for a failed connection attempt."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running and listening on this port?)"
+    if isinstance(exc, OSError) and exc.__class__.__name__ == "gaierror":
+        return f"cannot resolve the broker's host name ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed ({exc.verify_message or exc})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc})"
+    if isinstance(exc, (TimeoutError, OSError)) and "timed out" in str(exc):
+        return "timed out connecting to the broker"
+    if isinstance(exc, OSError):
+        return f"network error: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ConnectionChild:
+    def __init__(self, settings: config.Settings, conn: ConnectionSettings):
+        self.settings = settings
+        self.conn = conn
+        self.where = f"{conn.broker_host}:{conn.broker_port}"
+        self.parser = parsers.get(conn.parser_name)
+        self.context = zmq.Context(io_threads=1)
+        self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
+                                  resend_after=settings.resend_after)
+        self.client = self._make_client()
+        self.status = "disconnected"
+        self.failures = 0  # failed attempts in a row
+        self.next_attempt_at = 0.0  # monotonic
+        self.connack_deadline: float | None = None
+        self.stopping = False
+        self.exit_code = exitcodes.OK
+
+    def _make_client(self) -> mqtt.Client:
+        c = self.conn
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                             clean_session=True, protocol=mqtt.MQTTv311,
+                             reconnect_on_failure=False)
+        if c.username is not None:
+            client.username_pw_set(c.username, c.password)
+        if c.use_tls:
+            client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
+        client.connect_timeout = self.settings.connect_timeout
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    # -- the state machine: every change of status goes through here
+
+    def transition(self, status: str, message: str, exc: BaseException | None = None,
+                   retry_attempt: int | None = None, next_retry_at: float | None = None,
+                   gave_up: bool = False) -> None:
+        # disconnected -> connecting -> connected -> disconnected
+        #                     |                          |
+        #                     +-> error -> connecting    +-> connecting (retry)
+        self.status = status
+        self.events.send(StatusChange(
+            connection_id=self.conn.connection_id, status=status, message=message,
+            broker_host=self.conn.broker_host,
+            exception_type=type(exc).__name__ if exc is not None else "",
+            traceback="".join(traceback.format_exception(exc)) if exc is not None else "",
+            retry_attempt=retry_attempt, next_retry_at=next_retry_at, gave_up=gave_up))
+        logger.info("connection {} {}: {}", self.conn.connection_id, status, message)
+
+    def _attempt(self) -> None:
+        attempt = self.failures + 1
+        self.transition("connecting", f"Connecting to {self.where} (attempt {attempt})",
+                        retry_attempt=attempt)
+        try:
+            self.client.connect(self.conn.broker_host, self.conn.broker_port, self.conn.keepalive)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSErrors
+            self._failed(describe_exception(exc), exc)
+            return
+        self.connack_deadline = time.monotonic() + self.settings.connect_timeout
+
+    def _failed(self, reason: str, exc: BaseException | None = None) -> None:
+        """An attempt failed: schedule the next one, or give up into the cool-down."""
+        self.connack_deadline = None
+        self.failures += 1
+        if self.failures >= self.settings.max_retries:
+            resume_at = time.time() + self.settings.retry_cooldown
+            self.transition(
+                "error", f"{reason}; giving up after {self.failures} failed attempts in a row, "
+                         f"next start in {self.settings.retry_cooldown:.0f} s",
+                exc, retry_attempt=self.failures, next_retry_at=resume_at, gave_up=True)
+            self.exit_code = exitcodes.GAVE_UP
+            self.stopping = True
+            return
+        wait = backoff.delay(self.failures, self.settings.retry_base, self.settings.retry_cap)
+        self.next_attempt_at = time.monotonic() + wait
+        self.transition("error", reason, exc, retry_attempt=self.failures,
+                        next_retry_at=time.time() + wait)
+
+    # -- paho callbacks (called from loop_read/loop_misc in our own loop)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connack_deadline = None
+        if reason_code.is_failure:
+            self._failed(f"the broker refused the connection: {reason_code}")
+            return
+        self.failures = 0
+        self.transition("connected", f"Successfully connected to {self.where}")
+        client.subscribe([(topic, self.conn.qos) for topic in self.conn.topics])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.status == "connected":
+            if self.stopping:
+                self.transition("disconnected", "")
+            else:
+                reason = f"connection lost ({reason_code})"
+                self.transition("disconnected", reason)
+                self.next_attempt_at = time.monotonic() + backoff.delay(
+                    1, self.settings.retry_base, self.settings.retry_cap)
+        elif self.status == "connecting" and self.connack_deadline is not None:
+            self._failed(f"the broker closed the connection before accepting it ({reason_code})")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for topic, code in zip(self.conn.topics, reason_codes):
+            if code.is_failure:
+                self.events.send(ConnectionLog(
+                    connection_id=self.conn.connection_id, level="WARNING",
+                    message=f"the broker refused the subscription to {topic!r}: {code}",
+                    broker_host=self.conn.broker_host))
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        payload = message.payload
+        try:
+            records = self.parser(payload, message.topic)
+        except Exception as exc:  # a parser's bug must not stop the connection
+            error_type = parsers.classify(exc)
+            self.events.send(ParseFailure(
+                connection_id=self.conn.connection_id, topic=message.topic,
+                parser_name=self.conn.parser_name, error_type=error_type, error_message=str(exc),
+                payload=bytes(payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES]),
+                exception_type=type(exc).__name__,
+                traceback="".join(traceback.format_exception(exc)) if error_type == "UNKNOWN_ERROR" else ""))
+            return
+        for record in records:
+            self.events.send(Data(connection_id=self.conn.connection_id, topic=message.topic,
+                                  gateway=record.gateway, datalogger=record.datalogger,
+                                  ts=record.ts, sensors=record.sensors))
+
+    # -- the loop
+
+    def run(self) -> int:
+        signals = SignalPipe(signal.SIGTERM, signal.SIGINT)
+        try:
+            while not self.stopping:
+                if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
+                    break
+                self._step(signals)
+            self._stop(signals)
+        finally:
+            signals.close()
+            self.events.close()
+            self.context.term()
+        return self.exit_code
+
+    def _step(self, signals: SignalPipe) -> None:
+        now = time.monotonic()
+        if self.status in ("disconnected", "error") and now >= self.next_attempt_at:
+            self._attempt()
+            if self.stopping:
+                return
+        timeout = TICK
+        if self.status in ("disconnected", "error"):
+            timeout = min(timeout, max(0.0, self.next_attempt_at - time.monotonic()))
+        resend = self.events.resend_due()
+        if resend is not None:
+            timeout = min(timeout, resend)
+        poller = zmq.Poller()
+        poller.register(signals.fileno(), zmq.POLLIN)
+        poller.register(self.events.socket, zmq.POLLIN)
+        sock = self.client.socket()
+        if sock is not None:
+            poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self.client.want_write() else 0))
+        ready = dict(poller.poll(timeout * 1000))
+        if sock is not None:
+            flags = ready.get(sock.fileno(), 0) | ready.get(sock, 0)
+            if flags & zmq.POLLIN:
+                self.client.loop_read()
+            if self.client.socket() is not None and self.client.want_write():
+                self.client.loop_write()
+            if self.client.socket() is not None:
+                self.client.loop_misc()
+        if ready.get(self.events.socket):
+            self.events.receive_acks()
+        if (self.status == "connecting" and self.connack_deadline is not None
+                and time.monotonic() > self.connack_deadline):
+            self.client.disconnect()
+            self._failed(f"no answer (CONNACK) from the broker within {self.settings.connect_timeout:g} s")
+
+    def _stop(self, signals: SignalPipe) -> None:
+        self.stopping = True
+        if self.status == "connected":
+            self.client.disconnect()
+            deadline = time.monotonic() + 2.0
+            while self.client.socket() is not None and time.monotonic() < deadline:
+                self.client.loop_write()
+                self.client.loop_read()
+                if self.client.socket() is not None and not self.client.want_write():
+                    break
+            if self.status == "connected":
+                self.transition("disconnected", "")
+        elif self.status != "disconnected" and self.exit_code != exitcodes.GAVE_UP:
+            self.client.disconnect()
+            self.transition("disconnected", "")
+        if not self.events.flush(self.settings.ack_linger):
+            logger.warning("connection {}: stopping with {} events not acknowledged by the logger",
+                           self.conn.connection_id, self.events.unacked)
+
+
+def load_settings_from_db(settings: config.Settings, connection_id: int) -> ConnectionSettings:
+    database = db.Database(settings.database_url, f"sitelink-connection-{connection_id}")
+    try:
+        with database.transaction() as s:
+            row = s.one("connection_settings", {"connection_id": connection_id})
+    finally:
+        database.close()
+    if row is None:
+        raise SystemExit(f"sitelink connection: no mqtt_connection with id {connection_id}")
+    return ConnectionSettings.from_mapping(row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.connection", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--settings-stdin", action="store_true",
+                        help="read the settings the monitor writes to stdin (msgpack)")
+    source.add_argument("--connection-id", type=int, help="load connection ID's settings from the database")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"sitelink connection: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    if args.settings_stdin:
+        try:
+            conn = protocol.decode_settings(sys.stdin.buffer.read(), ConnectionSettings)
+        except protocol.ProtocolError as exc:
+            print(f"sitelink connection: {exc}", file=sys.stderr)
+            return exitcodes.CONFIG
+        die_with_parent(conn.monitor_pid)
+    else:
+        conn = load_settings_from_db(settings, args.connection_id)
+    logs.setup(f"conn-{conn.connection_id}", settings.log_level)
+    problems = conn.problems()
+    if problems:
+        logger.error("connection {} cannot start: {}", conn.connection_id, "; ".join(problems))
+        return exitcodes.CONFIG
+    return ConnectionChild(settings, conn).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

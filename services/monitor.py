@@ -1,0 +1,402 @@
+"""The monitor: the only process that decides which connections run.
+
+Each cycle (every ``SITELINK_MONITOR_INTERVAL`` seconds, and at once when
+PostgreSQL NOTIFYs a change of ``mqtt_connection``):
+
+1. start a child for every active connection that has none and is due
+   (``mqtt_next_retry`` null or past, and no crash or give-up hold);
+2. stop the child of every connection that is inactive, deleted, or whose
+   broker settings changed (it starts again with the new ones);
+3. mark gateways, dataloggers and sensors offline past their threshold;
+4. log the cycle, with this monitor's ``instance_id``.
+
+Children are reaped as soon as they exit (SIGCHLD wakes the loop). A child
+that crashes is restarted after a growing delay. SIGTERM or SIGINT stops
+every child (SIGTERM, a grace period, SIGKILL) before the monitor exits, and
+each child asks the kernel to be signalled if the monitor dies anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from loguru import logger
+
+from shared import backoff, config, db, exitcodes, logs, protocol
+from shared.connections import ConnectionSettings
+from shared.events import EventSender
+from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
+from shared.signals import SignalPipe
+
+#: A child that ran at least this long before crashing starts its backoff afresh.
+STABLE_AFTER = 60.0
+DEVICE_KINDS = ("gateway", "datalogger", "sensor")
+
+
+@dataclass
+class Child:
+    connection_id: int
+    pid: int
+    fingerprint: str
+    started_at: float
+    stop_reason: str | None = None
+    stop_sent_at: float | None = None
+    killed: bool = False
+
+
+@dataclass
+class Hold:
+    """Why a connection is not started now, and until when."""
+
+    until: float = 0.0  # monotonic
+    fingerprint: str | None = None  # a held config problem ends when the settings change
+    crashes: int = 0
+    reported: set[str] = field(default_factory=set)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by signal {signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+class Monitor:
+    def __init__(self, settings: config.Settings, database: db.Database):
+        self.settings = settings
+        self.db = database
+        self.instance_id = settings.instance_id
+        self.context = zmq.Context(io_threads=1)
+        self.events = EventSender(self.context, settings.events_endpoint, f"monitor:{self.instance_id}",
+                                  resend_after=settings.resend_after)
+        self.children: dict[int, Child] = {}  # by connection id
+        self.by_pid: dict[int, Child] = {}
+        self.holds: dict[int, Hold] = {}
+        self.settled: set[int] = set()  # inactive connections already reported disconnected
+        self.listener: db.Listener | None = None
+        self.wake_now = True
+        self.started_since_cycle = 0
+        self.stopped_since_cycle = 0
+
+    # -- the loop: signals, reap, reconcile, wait
+
+    def run(self) -> int:
+        signals = SignalPipe(signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        logger.info("monitor {} started (interval {:g} s)", self.instance_id, self.settings.monitor_interval)
+        next_cycle = 0.0
+        try:
+            while True:
+                caught = signals.drain()
+                if caught & {signal.SIGTERM, signal.SIGINT}:
+                    logger.info("monitor {} stopping on signal", self.instance_id)
+                    break
+                self.reap()
+                self._listen()
+                now = time.monotonic()
+                if self.wake_now or now >= next_cycle:
+                    self.wake_now = False
+                    self.cycle()
+                    next_cycle = time.monotonic() + self.settings.monitor_interval
+                self._escalate_stops()
+                self._wait(signals, next_cycle)
+        finally:
+            self.stop_all()
+            self.events.flush(self.settings.ack_linger)
+            self.events.close()
+            self.context.term()
+            if self.listener is not None:
+                self.listener.close()
+            self.db.close()
+            signals.close()
+            logger.info("monitor {} stopped", self.instance_id)
+        return 0
+
+    def _wait(self, signals: SignalPipe, next_cycle: float) -> None:
+        now = time.monotonic()
+        timeout = max(0.0, next_cycle - now)
+        holds = [h.until for cid, h in self.holds.items() if h.until > now and cid not in self.children]
+        if holds:
+            timeout = min(timeout, max(0.0, min(holds) - now) + 0.01)
+        if any(c.stop_sent_at is not None for c in self.children.values()):
+            timeout = min(timeout, 0.2)
+        resend = self.events.resend_due()
+        if resend is not None:
+            timeout = min(timeout, resend)
+        poller = zmq.Poller()
+        poller.register(signals.fileno(), zmq.POLLIN)
+        poller.register(self.events.socket, zmq.POLLIN)
+        if self.listener is not None:
+            poller.register(self.listener.fileno(), zmq.POLLIN)
+        ready = dict(poller.poll(timeout * 1000))
+        if ready.get(self.events.socket):
+            self.events.receive_acks()
+        if self.listener is not None and ready.get(self.listener.fileno()):
+            self._drain_notifications()
+        if any(h.until <= time.monotonic() and h.until > now for h in self.holds.values()):
+            self.wake_now = True
+
+    def _listen(self) -> None:
+        if self.listener is not None:
+            return
+        try:
+            self.listener = db.Listener(self.settings.database_url, application_name="sitelink-monitor-listen")
+            self.wake_now = True  # we may have missed notifications meanwhile
+        except db.DatabaseError as exc:
+            logger.warning("cannot LISTEN for changes ({}); relying on the {:g} s poll",
+                           exc, self.settings.monitor_interval)
+
+    def _drain_notifications(self) -> None:
+        try:
+            if self.listener is not None and self.listener.drain():
+                self.wake_now = True
+        except db.DatabaseError as exc:
+            logger.warning("lost the LISTEN connection ({}); re-establishing it", exc)
+            if self.listener is not None:
+                self.listener.close()
+            self.listener = None
+
+    # -- one cycle
+
+    def cycle(self) -> None:
+        started_at = time.monotonic()
+        try:
+            with self.db.transaction() as s:
+                rows = s.rows("monitor_connections")
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: cannot read connections ({}); children keep running",
+                           self.instance_id, exc)
+            return
+        seen: set[int] = set()
+        for row in rows:
+            seen.add(row["id"])
+            try:
+                self._reconcile(row)
+            except Exception as exc:  # one bad row must never stop the monitor
+                logger.exception("monitor {}: connection {} could not be handled", self.instance_id, row["id"])
+                self._report_once(row["id"], f"crash:{exc}", ConnectionLog(
+                    connection_id=row["id"], level="ERROR",
+                    message=f"the monitor could not handle this connection: {type(exc).__name__}: {exc}",
+                    exception_type=type(exc).__name__))
+        for cid in list(self.children):
+            if cid not in seen:
+                self._stop(self.children[cid], "the connection was deleted")
+        for cid in list(self.holds):
+            if cid not in seen:
+                del self.holds[cid]
+        self.settled &= seen
+        offline = self._mark_offline()
+        duration = time.monotonic() - started_at
+        logger.info("monitor {} cycle: {} running, {} started, {} stopped, offline {}, {:.0f} ms",
+                    self.instance_id, len(self.children), self.started_since_cycle,
+                    self.stopped_since_cycle, offline, duration * 1000)
+        self.events.send(MonitorCycle(instance_id=self.instance_id, running=len(self.children),
+                                      started=self.started_since_cycle, stopped=self.stopped_since_cycle,
+                                      offline=offline, duration=duration))
+        self.started_since_cycle = self.stopped_since_cycle = 0
+
+    def _reconcile(self, row: dict) -> None:
+        cid = row["id"]
+        child = self.children.get(cid)
+        settings = ConnectionSettings.from_mapping(row, monitor_pid=os.getpid())
+        hold = self.holds.get(cid)
+        if hold is not None and hold.fingerprint is not None and hold.fingerprint != settings.fingerprint:
+            del self.holds[cid]  # the row changed: whatever held it may be fixed
+            hold = None
+        if not row["is_active"]:
+            if child is not None:
+                self._stop(child, "is_active is false")
+            elif row["status"] != "disconnected" and cid not in self.settled:
+                self.events.send(StatusChange(connection_id=cid, status="disconnected", message="",
+                                              broker_host=row["broker_host"]))
+            self.settled.add(cid)
+            self.holds.pop(cid, None)
+            return
+        self.settled.discard(cid)
+        if child is not None:
+            if child.fingerprint != settings.fingerprint and child.stop_reason is None:
+                self._stop(child, "its broker settings changed", restart=True)
+            return
+        if hold is not None and hold.until > time.monotonic():
+            return
+        if not row["is_due"]:
+            return
+        problems = settings.problems()
+        if problems:
+            message = "cannot start: " + "; ".join(problems)
+            self.holds[cid] = Hold(until=float("inf"), fingerprint=settings.fingerprint)
+            self._report_once(cid, message, StatusChange(connection_id=cid, status="error", message=message,
+                                                         broker_host=settings.broker_host))
+            return
+        self._spawn(settings)
+
+    def _report_once(self, cid: int, key: str, event: protocol.Event) -> None:
+        hold = self.holds.setdefault(cid, Hold())
+        if key not in hold.reported:
+            hold.reported.add(key)
+            self.events.send(event)
+
+    # -- children
+
+    def _spawn(self, settings: ConnectionSettings) -> None:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "services.connection", "--settings-stdin"],
+                                    stdin=subprocess.PIPE, close_fds=True, cwd=config.PROJECT_ROOT)
+        except OSError as exc:
+            logger.error("cannot start a child for connection {}: {}", settings.connection_id, exc)
+            self.events.send(ConnectionLog(connection_id=settings.connection_id, level="ERROR",
+                                           message=f"cannot start a child process: {exc}",
+                                           exception_type=type(exc).__name__))
+            self._hold_after_crash(settings.connection_id, started_at=time.monotonic())
+            return
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(protocol.encode_settings(settings))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; reaping will tell why
+        proc.returncode = 0  # we reap by PID ourselves; keep Popen from trying later
+        child = Child(connection_id=settings.connection_id, pid=proc.pid,
+                      fingerprint=settings.fingerprint, started_at=time.monotonic())
+        self.children[child.connection_id] = child
+        self.by_pid[child.pid] = child
+        self.started_since_cycle += 1
+        logger.info("started connection {} (pid {})", child.connection_id, child.pid)
+
+    def _stop(self, child: Child, reason: str, restart: bool = False) -> None:
+        if child.stop_sent_at is not None:
+            return
+        logger.info("stopping connection {} (pid {}): {}", child.connection_id, child.pid, reason)
+        child.stop_reason = reason
+        child.stop_sent_at = time.monotonic()
+        self.events.send(ConnectionLog(connection_id=child.connection_id, level="INFO",
+                                       message=f"stopping: {reason}"))
+        self._signal(child, signal.SIGTERM)
+        if restart:
+            self.holds.pop(child.connection_id, None)
+
+    def _signal(self, child: Child, sig: int) -> None:
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _escalate_stops(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if (child.stop_sent_at is not None and not child.killed
+                    and now - child.stop_sent_at > self.settings.stop_grace):
+                logger.warning("connection {} (pid {}) did not stop within {:g} s; killing it",
+                               child.connection_id, child.pid, self.settings.stop_grace)
+                self._signal(child, signal.SIGKILL)
+                child.killed = True
+
+    def reap(self) -> None:
+        while self.by_pid:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.by_pid.pop(pid, None)
+            if child is None:
+                continue
+            del self.children[child.connection_id]
+            self._exited(child, status)
+
+    def _exited(self, child: Child, status: int) -> None:
+        cid = child.connection_id
+        how = describe_exit(status)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if child.stop_reason is not None:
+            self.stopped_since_cycle += 1
+            logger.info("connection {} (pid {}) stopped ({}; {})", cid, child.pid, child.stop_reason, how)
+            self.wake_now = True  # a changed connection starts again at once
+            return
+        if code == exitcodes.GAVE_UP:
+            logger.info("connection {} gave up; waiting out the {:g} s cool-down", cid,
+                        self.settings.retry_cooldown)
+            self.holds[cid] = Hold(until=time.monotonic() + self.settings.retry_cooldown,
+                                   fingerprint=child.fingerprint)
+            return
+        if code == exitcodes.CONFIG:
+            self.holds[cid] = Hold(until=float("inf"), fingerprint=child.fingerprint)
+            self.events.send(StatusChange(connection_id=cid, status="error",
+                                          message="the connection's settings are unusable; "
+                                                  "fix the row to start it again"))
+            return
+        wait = self._hold_after_crash(cid, child.started_at, child.fingerprint)
+        message = f"the connection's process crashed ({how}); restarting it in {wait:.1f} s"
+        logger.warning("connection {} (pid {}): {}", cid, child.pid, message)
+        self.events.send(StatusChange(connection_id=cid, status="error", message=message,
+                                      next_retry_at=time.time() + wait))
+
+    def _hold_after_crash(self, cid: int, started_at: float, fingerprint: str | None = None) -> float:
+        hold = self.holds.get(cid) or Hold()
+        ran = time.monotonic() - started_at
+        hold.crashes = 1 if ran >= STABLE_AFTER else hold.crashes + 1
+        wait = backoff.delay(hold.crashes, self.settings.restart_base, self.settings.restart_cap)
+        hold.until = time.monotonic() + wait
+        hold.fingerprint = fingerprint
+        self.holds[cid] = hold
+        return wait
+
+    def stop_all(self) -> None:
+        """SIGTERM every child, reap while waiting up to the grace period, SIGKILL, reap."""
+        for child in self.children.values():
+            self._stop(child, "the monitor is stopping")
+        deadline = time.monotonic() + self.settings.stop_grace
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.02)
+        for child in self.children.values():
+            self._signal(child, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.02)
+
+    # -- devices
+
+    def _mark_offline(self) -> dict[str, int]:
+        counts = {kind: 0 for kind in DEVICE_KINDS}
+        after = {"gateway": self.settings.gateway_offline_after,
+                 "datalogger": self.settings.datalogger_offline_after,
+                 "sensor": self.settings.sensor_offline_after}
+        try:
+            with self.db.transaction() as s:
+                found = {kind: s.rows(f"mark_offline_{kind}s", {"after": after[kind]}) for kind in DEVICE_KINDS}
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: cannot mark devices offline ({})", self.instance_id, exc)
+            return counts
+        for kind, rows in found.items():
+            counts[kind] = len(rows)
+            for r in rows:
+                self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],
+                                              name=r["name"], online=False))
+        return counts
+
+
+def main() -> int:
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"sitelink monitor: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    logs.setup("monitor", settings.log_level)
+    try:
+        database = db.wait_until_ready(settings.database_url, "sitelink-monitor")
+    except db.SchemaBehind as exc:
+        logger.error("{}", exc)
+        return exitcodes.CONFIG
+    return Monitor(settings, database).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

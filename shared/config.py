@@ -1,0 +1,191 @@
+"""Every setting of sitelink, read from ``SITELINK_*`` environment variables.
+
+This module is the only reader of the environment. ``load()`` returns one
+frozen, typed ``Settings``; a bad value raises ``ConfigError`` naming the
+variable, so a service fails at start rather than misbehaving later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "SITELINK_"
+
+#: The checkout (or installed tree) that holds sql/, supervisor_conf/ and var/.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting has a value sitelink cannot use."""
+
+
+def _embedded_database_url(home: Path, port: int) -> str:
+    return f"postgresql://sitelink@/sitelink?host={home / 'var' / 'run'}&port={port}"
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number >= 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be an integer >= 1")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("must be a port number between 1 and 65535")
+    return number
+
+
+def _zmq_endpoint(value: str) -> str:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError("must be a ZeroMQ endpoint such as tcp://127.0.0.1:5556")
+    return value
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _setting(env: str, default: Any, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of sitelink's settings. Durations are in seconds."""
+
+    home: Path = _setting("HOME", PROJECT_ROOT, Path,
+                          "Directory holding var/ (the embedded stack) and relative log dirs.")
+    database_url: str = _setting("DATABASE_URL", "", _text,
+                                 "PostgreSQL URL. Default: the embedded cluster under var/.")
+    embedded_pg_port: int = _setting("EMBEDDED_PG_PORT", 55432, _port,
+                                     "Port of the embedded PostgreSQL (loopback).")
+    embedded_mqtt_port: int = _setting("EMBEDDED_MQTT_PORT", 18830, _port,
+                                       "Port of the embedded Mosquitto (loopback).")
+    events_endpoint: str = _setting("EVENTS_ENDPOINT", "tcp://127.0.0.1:5555", _zmq_endpoint,
+                                    "Where the logger receives events (ZeroMQ ROUTER).")
+    status_feed: str = _setting("STATUS_FEED", "tcp://127.0.0.1:5556", _zmq_endpoint,
+                                "Where the logger publishes status changes (ZeroMQ PUB).")
+    log_dir: Path = _setting("LOG_DIR", Path("logs"), Path,
+                             "Directory of the file logs (relative to SITELINK_HOME).")
+    log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")
+    instance_id: str = _setting("INSTANCE_ID", "", _text,
+                                "Name of this monitor in logs and events. Default: host-pid.")
+    monitor_interval: float = _setting("MONITOR_INTERVAL", 30.0, _positive_float,
+                                       "Seconds between two monitor cycles (NOTIFY wakes it sooner).")
+    stop_grace: float = _setting("STOP_GRACE", 5.0, _positive_float,
+                                 "Seconds a child gets to stop after SIGTERM before SIGKILL.")
+    restart_base: float = _setting("RESTART_BASE", 1.0, _positive_float,
+                                   "First delay before restarting a crashed child.")
+    restart_cap: float = _setting("RESTART_CAP", 300.0, _positive_float,
+                                  "Longest delay before restarting a crashed child.")
+    retry_base: float = _setting("RETRY_BASE", 1.0, _positive_float,
+                                 "First delay of a child's reconnect backoff.")
+    retry_cap: float = _setting("RETRY_CAP", 60.0, _positive_float,
+                                "Longest delay of a child's reconnect backoff.")
+    max_retries: int = _setting("MAX_RETRIES", 10, _positive_int,
+                                "Failed attempts in a row after which a child gives up.")
+    retry_cooldown: float = _setting("RETRY_COOLDOWN", 300.0, _positive_float,
+                                     "How long a connection that gave up waits before a new start.")
+    connect_timeout: float = _setting("CONNECT_TIMEOUT", 10.0, _positive_float,
+                                      "Seconds to wait for the broker's CONNACK.")
+    resend_after: float = _setting("RESEND_AFTER", 5.0, _positive_float,
+                                   "Seconds without an ack after which events are sent again.")
+    ack_linger: float = _setting("ACK_LINGER", 3.0, _non_negative_float,
+                                 "Seconds a stopping process waits for its last acks.")
+    batch_max: int = _setting("BATCH_MAX", 2000, _positive_int,
+                              "Most events the logger writes in one transaction.")
+    batch_wait: float = _setting("BATCH_WAIT", 0.05, _non_negative_float,
+                                 "Seconds the logger waits to fill a batch.")
+    db_retry_cap: float = _setting("DB_RETRY_CAP", 30.0, _positive_float,
+                                   "Longest pause of the logger between writes to an unreachable database.")
+    gateway_offline_after: float = _setting("GATEWAY_OFFLINE_AFTER", 600.0, _positive_float,
+                                            "A gateway not heard for this long is marked offline.")
+    datalogger_offline_after: float = _setting("DATALOGGER_OFFLINE_AFTER", 600.0, _positive_float,
+                                               "A datalogger not heard for this long is marked offline.")
+    sensor_offline_after: float = _setting("SENSOR_OFFLINE_AFTER", 900.0, _positive_float,
+                                           "A sensor not heard for this long is marked offline.")
+
+    def __post_init__(self) -> None:
+        # Derived defaults: computed here so they follow SITELINK_HOME.
+        if not self.database_url:
+            object.__setattr__(self, "database_url",
+                               _embedded_database_url(self.home, self.embedded_pg_port))
+        if not self.instance_id:
+            object.__setattr__(self, "instance_id", f"{socket.gethostname()}-{os.getpid()}")
+        if not self.log_dir.is_absolute():
+            object.__setattr__(self, "log_dir", self.home / self.log_dir)
+
+    @property
+    def var_dir(self) -> Path:
+        return self.home / "var"
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``environ`` (default: ``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        name = PREFIX + f.metadata["env"]
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw.strip())
+        except ValueError as exc:
+            reason = str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) \
+                else f"expected {f.type}"
+            raise ConfigError(f"{name}={raw!r} is not valid: {reason}") from None
+    settings = Settings(**values)
+    if settings.retry_base > settings.retry_cap:
+        raise ConfigError(f"{PREFIX}RETRY_BASE ({settings.retry_base}) must not exceed "
+                          f"{PREFIX}RETRY_CAP ({settings.retry_cap})")
+    if settings.restart_base > settings.restart_cap:
+        raise ConfigError(f"{PREFIX}RESTART_BASE ({settings.restart_base}) must not exceed "
+                          f"{PREFIX}RESTART_CAP ({settings.restart_cap})")
+    return settings
+
+
+def documentation() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, for the README and --help."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if f.name == "home":
+            default = "the checkout"
+        elif f.name == "database_url":
+            default = "embedded cluster under var/"
+        elif f.name == "instance_id":
+            default = "host-pid"
+        rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
+    return rows

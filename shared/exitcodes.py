@@ -1,0 +1,13 @@
+"""Exit codes reserved between the monitor and its children.
+
+Like gunicorn's boot and app-load errors: they tell the monitor not to
+restart a child that cannot come up as things stand.
+"""
+
+OK = 0
+#: The child failed MAX_RETRIES times in a row and waits out its cool-down.
+GAVE_UP = 75
+#: The child's monitor died before the child could tell (it must not run alone).
+ORPHANED = 76
+#: The connection's settings are unusable (unknown parser, bad topics...).
+CONFIG = 78

@@ -1,0 +1,135 @@
+"""The default parser, ``json``.
+
+    {"gateway": "GW-01", "datalogger": "DL-07", "ts": "2026-11-28T10:00:00Z",
+     "sensors": {"S-1": {"temperature": 21.4, "humidity": 40.2}}}
+
+``datalogger`` and ``sensors`` may be absent (a gateway heartbeat). ``ts`` is
+ISO-8601 with a zone, or epoch seconds. Values are finite numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime
+
+from shared.parsers import PayloadParseError, PayloadValidationError, Record, register
+
+MAX_ID_LENGTH = 128
+#: Timestamps outside [EARLIEST, now + MAX_FUTURE] are taken for clock faults.
+EARLIEST_TS = 946684800.0  # 2000-01-01T00:00:00Z
+MAX_FUTURE_SECONDS = 24 * 3600
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN and Infinity by default; they are not JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@register("json")
+def parse(payload: bytes, topic: str) -> list[Record]:
+    try:
+        doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise PayloadParseError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except (ValueError, RecursionError) as exc:
+        raise PayloadParseError(f"payload is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PayloadValidationError("$", f"expected a JSON object, got {_json_type(doc)}")
+
+    gateway = _identifier(doc, "gateway", required=True)
+    datalogger = _identifier(doc, "datalogger", required=False)
+    ts = _timestamp(doc.get("ts"))
+    sensors = _sensors(doc.get("sensors"))
+    return [Record(gateway=gateway, datalogger=datalogger, ts=ts, sensors=sensors)]
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")
+
+
+def _identifier(doc: dict, name: str, *, required: bool) -> str | None:
+    value = doc.get(name)
+    if value is None:
+        if required:
+            raise PayloadValidationError(name, "is required")
+        return None
+    return _check_identifier(name, value)
+
+
+def _check_identifier(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise PayloadValidationError(name, f"expected a string, got {_json_type(value)}")
+    if not value.strip():
+        raise PayloadValidationError(name, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise PayloadValidationError(name, f"is {len(value)} characters long, at most {MAX_ID_LENGTH} allowed")
+    if "\x00" in value:
+        raise PayloadValidationError(name, "must not contain NUL characters")
+    return value
+
+
+def _timestamp(value: object) -> float:
+    if value is None:
+        raise PayloadValidationError("ts", "is required")
+    if isinstance(value, bool):
+        raise PayloadValidationError("ts", "expected ISO-8601 text or epoch seconds, got a boolean")
+    if isinstance(value, (int, float)):
+        ts = _finite(value)
+        if ts is None:
+            raise PayloadValidationError("ts", "must be a finite number")
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise PayloadValidationError("ts", f"{value[:64]!r} is not an ISO-8601 timestamp") from None
+        if parsed.tzinfo is None:
+            raise PayloadValidationError("ts", f"{value[:64]!r} has no time zone (add Z or +hh:mm)")
+        ts = parsed.timestamp()
+    else:
+        raise PayloadValidationError("ts", f"expected ISO-8601 text or epoch seconds, got {_json_type(value)}")
+    latest = time.time() + MAX_FUTURE_SECONDS
+    if not EARLIEST_TS <= ts <= latest:
+        raise PayloadValidationError(
+            "ts", f"{value!r} is outside the plausible range (2000-01-01 to now + 1 day)")
+    return ts
+
+
+def _finite(number: int | float) -> float | None:
+    try:
+        value = float(number)
+    except OverflowError:  # an integer literal too large for a float
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _sensors(value: object) -> dict[str, dict[str, float]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PayloadValidationError("sensors", f"expected an object, got {_json_type(value)}")
+    sensors: dict[str, dict[str, float]] = {}
+    for sensor, metrics in value.items():
+        where = f"sensors.{sensor[:MAX_ID_LENGTH]}"
+        _check_identifier("sensors (sensor name)", sensor)
+        if not isinstance(metrics, dict):
+            raise PayloadValidationError(where, f"expected an object of metrics, got {_json_type(metrics)}")
+        if not metrics:
+            raise PayloadValidationError(where, "has no metrics")
+        clean: dict[str, float] = {}
+        for metric, number in metrics.items():
+            field_name = f"{where}.{metric[:MAX_ID_LENGTH]}"
+            _check_identifier(f"{where} (metric name)", metric)
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise PayloadValidationError(field_name, f"expected a number, got {_json_type(number)}")
+            finite = _finite(number)
+            if finite is None:
+                raise PayloadValidationError(field_name, "must be a finite number")
+            clean[metric] = finite
+        sensors[sensor] = clean
+    return sensors

@@ -1,0 +1,191 @@
+-- Named queries, loaded once by shared/db.py and run by name.
+-- Each starts with a "-- name: <name>" line.
+
+-- ---------------------------------------------------------------- migrations
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: migration_table
+CREATE TABLE IF NOT EXISTS sitelink_migration (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_table_exists
+SELECT to_regclass('sitelink_migration') IS NOT NULL AS present;
+
+-- name: migration_versions
+SELECT version FROM sitelink_migration ORDER BY version;
+
+-- name: migration_record
+INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
+
+-- ------------------------------------------------------------------ monitor
+
+-- name: monitor_connections
+SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
+       c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
+       c.is_active, c.status, c.mqtt_next_retry,
+       (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due
+FROM mqtt_connection c
+ORDER BY c.id;
+
+-- name: connection_settings
+SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
+       c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name
+FROM mqtt_connection c
+WHERE c.id = %(connection_id)s;
+
+-- name: mark_offline_gateways
+UPDATE gateway SET is_online = false
+WHERE is_online AND last_seen_at < now() - make_interval(secs => %(after)s)
+RETURNING id, site_id, name;
+
+-- name: mark_offline_dataloggers
+UPDATE datalogger d SET is_online = false
+FROM gateway g
+WHERE g.id = d.gateway_id AND d.is_online
+  AND d.last_seen_at < now() - make_interval(secs => %(after)s)
+RETURNING d.id, g.site_id, d.name;
+
+-- name: mark_offline_sensors
+UPDATE sensor s SET is_online = false
+FROM gateway g
+WHERE g.id = s.gateway_id AND s.is_online
+  AND s.last_seen_at < now() - make_interval(secs => %(after)s)
+RETURNING s.id, g.site_id, s.name;
+
+-- ------------------------------------------------------------------- logger
+-- Status bookkeeping, with the seed's semantics. Each returns what the
+-- status feed needs, read in the same transaction.
+
+-- name: status_connecting
+UPDATE mqtt_connection SET status = 'connecting'
+WHERE id = %(connection_id)s
+RETURNING id, site_id, is_active, status;
+
+-- name: status_connected
+UPDATE mqtt_connection
+SET status = 'connected', last_connected_at = %(at)s, error_message = '',
+    mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
+WHERE id = %(connection_id)s
+RETURNING id, site_id, is_active, status;
+
+-- name: status_error
+UPDATE mqtt_connection
+SET status = 'error', error_message = %(message)s,
+    connection_errors = connection_errors + 1,
+    mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
+    mqtt_next_retry = %(next_retry_at)s
+WHERE id = %(connection_id)s
+RETURNING id, site_id, is_active, status;
+
+-- name: status_disconnected
+UPDATE mqtt_connection SET status = 'disconnected', error_message = %(message)s
+WHERE id = %(connection_id)s
+RETURNING id, site_id, is_active, status;
+
+-- name: connection_log_insert
+INSERT INTO mqtt_connection_log
+    (connection_id, timestamp, level, message, exception_type, exception_traceback,
+     broker_host, retry_attempt)
+SELECT c.id, %(at)s, %(level)s, %(message)s, %(exception_type)s, %(traceback)s,
+       coalesce(nullif(%(broker_host)s, ''), c.broker_host), %(retry_attempt)s
+FROM mqtt_connection c
+WHERE c.id = %(connection_id)s;
+
+-- name: parsing_log_insert
+INSERT INTO mqtt_parsing_log
+    (site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
+     exception_type, exception_traceback, payload_sample)
+SELECT c.site_id, c.id, %(at)s, %(topic)s, %(parser_name)s, %(error_type)s, %(error_message)s,
+       %(exception_type)s, %(traceback)s, %(payload_sample)s
+FROM mqtt_connection c
+WHERE c.id = %(connection_id)s;
+
+-- Devices: registered on first sight, last_seen_at moved forward, marked
+-- online again. The "before" CTE sees the rows as they were before this
+-- statement, so came_online tells an offline device that reported again.
+
+-- name: upsert_gateways
+WITH input AS (
+    SELECT c.id AS connection_id, c.site_id, u.name, u.seen
+    FROM unnest(%(connection_ids)s::bigint[], %(names)s::text[], %(seen)s::timestamptz[])
+         AS u(connection_id, name, seen)
+    JOIN mqtt_connection c ON c.id = u.connection_id
+), before AS (
+    SELECT g.id, g.is_online FROM gateway g JOIN input i USING (site_id, name)
+), up AS (
+    INSERT INTO gateway AS g (site_id, name, first_seen_at, last_seen_at)
+    SELECT site_id, name, seen, seen FROM input
+    ON CONFLICT (site_id, name) DO UPDATE
+        SET last_seen_at = greatest(g.last_seen_at, EXCLUDED.last_seen_at), is_online = true
+    RETURNING g.id, g.site_id, g.name
+)
+SELECT up.id, up.site_id, up.name, i.connection_id,
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+FROM up JOIN input i USING (site_id, name) LEFT JOIN before b ON b.id = up.id;
+
+-- name: upsert_dataloggers
+WITH input AS (
+    SELECT * FROM unnest(%(gateway_ids)s::bigint[], %(names)s::text[], %(seen)s::timestamptz[])
+         AS u(gateway_id, name, seen)
+), before AS (
+    SELECT d.id, d.is_online FROM datalogger d JOIN input i USING (gateway_id, name)
+), up AS (
+    INSERT INTO datalogger AS d (gateway_id, name, first_seen_at, last_seen_at)
+    SELECT gateway_id, name, seen, seen FROM input
+    ON CONFLICT (gateway_id, name) DO UPDATE
+        SET last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at), is_online = true
+    RETURNING d.id, d.gateway_id, d.name
+)
+SELECT up.id, up.gateway_id, up.name, g.site_id,
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
+
+-- name: upsert_sensors
+WITH input AS (
+    SELECT * FROM unnest(%(gateway_ids)s::bigint[], %(datalogger_ids)s::bigint[],
+                         %(names)s::text[], %(seen)s::timestamptz[])
+         AS u(gateway_id, datalogger_id, name, seen)
+), before AS (
+    SELECT s.id, s.is_online FROM sensor s JOIN input i
+      ON s.gateway_id = i.gateway_id AND s.datalogger_id IS NOT DISTINCT FROM i.datalogger_id
+     AND s.name = i.name
+), up AS (
+    INSERT INTO sensor AS s (gateway_id, datalogger_id, name, first_seen_at, last_seen_at)
+    SELECT gateway_id, datalogger_id, name, seen, seen FROM input
+    ON CONFLICT ON CONSTRAINT sensor_parent_name_key DO UPDATE
+        SET last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at), is_online = true
+    RETURNING s.id, s.gateway_id, s.datalogger_id, s.name
+)
+SELECT up.id, up.gateway_id, up.datalogger_id, up.name, g.site_id,
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
+
+-- name: insert_readings
+INSERT INTO reading (sensor_id, ts, "values")
+SELECT sensor_id, ts, v::jsonb
+FROM unnest(%(sensor_ids)s::bigint[], %(ts)s::timestamptz[], %(values)s::text[]) AS u(sensor_id, ts, v)
+ON CONFLICT (sensor_id, ts) DO NOTHING;
+
+-- -------------------------------------------------------------------- admin
+
+-- name: status_table
+SELECT site_id, site, connection_id, broker, is_active, status, last_connected_at,
+       connection_errors, mqtt_retry_count, mqtt_next_retry, error_message
+FROM connection_overview
+ORDER BY site_id;
+
+-- name: site_insert
+INSERT INTO site (name) VALUES (%(name)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING id;
+
+-- name: demo_connection_insert
+INSERT INTO mqtt_connection (site_id, broker_host, broker_port, topics, qos, parser_name, keepalive)
+SELECT s.id, %(broker_host)s, %(broker_port)s, %(topics)s, 1, 'json', 30
+FROM site s WHERE s.name = %(site)s
+ON CONFLICT (site_id) DO NOTHING;

@@ -1,0 +1,206 @@
+"""Helpers for tests that run the real things: processes, ports, deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port the OS just handed out on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "condition",
+             interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (psycopg.OperationalError, OSError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+    """Signal ``proc`` by PID, wait, SIGKILL if it does not go."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(10)
+    return proc.returncode
+
+
+def world_traversable_tmpdir(prefix: str) -> Path:
+    """A temporary directory the unprivileged PostgreSQL user can reach."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster on a free loopback port."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.datadir = base / "pgdata"
+        self.socketdir = base / "run"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = base / "postgres.log"
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://sitelink@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {**os.environ, "SITELINK_PG_FAST": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ROOT / "supervisor_conf" / "bin" / "postgres"), str(self.datadir), str(self.port),
+                 str(self.socketdir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postgres exited: {self.log.read_text()[-3000:]}")
+            with psycopg.connect(self.url(), connect_timeout=2):
+                return True
+        wait_for(ready, timeout, "PostgreSQL to accept connections")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT, timeout=30)
+            self.proc = None
+
+    def execute(self, sql: str, dbname: str = "postgres") -> None:
+        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+            conn.execute(sql)
+
+
+class Mosquitto:
+    """A Mosquitto broker on a free loopback port."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = base / "mosquitto.log"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ROOT / "supervisor_conf" / "bin" / "mosquitto"), str(self.port), str(self.base)],
+                stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited: {self.log.read_text()[-3000:]}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        wait_for(ready, timeout, "Mosquitto to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM)
+            self.proc = None
+
+
+class FeedSubscriber:
+    """A ZeroMQ SUB on the status feed, collecting every message."""
+
+    def __init__(self, endpoint: str, topic: str = ""):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+        self.socket.connect(endpoint)
+        self.messages: list[tuple[str, dict]] = []
+
+    def poll(self) -> list[tuple[str, dict]]:
+        while self.socket.poll(0):
+            topic, body = self.socket.recv_multipart()
+            self.messages.append((topic.decode(), json.loads(body)))
+        return self.messages
+
+    def wait_for(self, match: Callable[[str, dict], bool], timeout: float = 15.0,
+                 what: str = "a feed message") -> tuple[str, dict]:
+        def found():
+            for topic, body in self.poll():
+                if match(topic, body):
+                    return topic, body
+            return None
+        return wait_for(found, timeout, what)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def python_service(name: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""The default ``json`` parser and the registry (pure logic)."""
+
+import json
+import time
+
+import pytest
+
+from shared import parsers
+from shared.parsers import PayloadParseError, PayloadValidationError
+
+parse = parsers.get("json")
+GOOD = {"gateway": "GW-01", "datalogger": "DL-07", "ts": "2026-11-28T10:00:00Z",
+        "sensors": {"S-1": {"temperature": 21.4, "humidity": 40.2}}}
+
+
+def payload(**changes) -> bytes:
+    doc = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
+
+
+def test_documented_example_parses():
+    [record] = parse(payload(), "sites/a/GW-01/DL-07")
+    assert record.gateway == "GW-01"
+    assert record.datalogger == "DL-07"
+    assert record.ts == 1795860000.0
+    assert record.sensors == {"S-1": {"temperature": 21.4, "humidity": 40.2}}
+
+
+def test_heartbeat_without_datalogger_and_sensors():
+    [record] = parse(payload(datalogger=..., sensors=...), "t")
+    assert record.datalogger is None and record.sensors == {}
+
+
+@pytest.mark.parametrize("ts, expected", [
+    ("2026-11-28T11:00:00+01:00", 1795860000.0),
+    (1795860000, 1795860000.0),
+    (1795860000.5, 1795860000.5),
+])
+def test_timestamps_with_zone_or_epoch(ts, expected):
+    assert parse(payload(ts=ts), "t")[0].ts == expected
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe not utf-8", b"{not json", b"", b'{"gateway": NaN}'])
+def test_undecodable_is_parse_error(raw):
+    with pytest.raises(PayloadParseError) as err:
+        parse(raw, "t")
+    assert parsers.classify(err.value) == "PARSE_ERROR"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"gateway": ...}, "gateway"),
+    ({"gateway": 7}, "gateway"),
+    ({"gateway": "G" * 129}, "gateway"),
+    ({"datalogger": "D" * 129}, "datalogger"),
+    ({"ts": ...}, "ts"),
+    ({"ts": "2026-11-28T10:00:00"}, "ts"),
+    ({"ts": "yesterday"}, "ts"),
+    ({"ts": 12}, "ts"),
+    ({"ts": time.time() + 7 * 86400}, "ts"),
+    ({"ts": True}, "ts"),
+    ({"sensors": [1, 2]}, "sensors"),
+    ({"sensors": {"S-1": 3}}, "sensors.S-1"),
+    ({"sensors": {"S-1": {"t": "hot"}}}, "sensors.S-1.t"),
+    ({"sensors": {"S-1": {"t": True}}}, "sensors.S-1.t"),
+    ({"sensors": {"S-1": {"t": 10 ** 400}}}, "sensors.S-1.t"),
+    ({"sensors": {"S" * 129: {"t": 1}}}, "sensors"),
+])
+def test_wrong_shape_is_validation_error_naming_the_field(changes, field):
+    with pytest.raises(PayloadValidationError) as err:
+        parse(payload(**changes), "t")
+    assert err.value.field.startswith(field)
+    assert parsers.classify(err.value) == "VALIDATION_ERROR"
+
+
+def test_not_an_object_is_validation_error():
+    with pytest.raises(PayloadValidationError):
+        parse(b"[1, 2, 3]", "t")
+
+
+def test_any_other_exception_is_unknown_error():
+    assert parsers.classify(ZeroDivisionError()) == "UNKNOWN_ERROR"
+
+
+def test_unknown_parser_names_the_known_ones():
+    with pytest.raises(parsers.UnknownParser, match="json"):
+        parsers.get("csv-v9")
+
+
+def test_number_too_large_for_a_float_is_validation_error():
+    raw = b'{"gateway": "G", "ts": 1795860000, "sensors": {"S-1": {"t": 1e400}}}'
+    with pytest.raises(PayloadValidationError, match="finite"):
+        parse(raw, "t")

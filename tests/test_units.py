@@ -1,0 +1,54 @@
+"""Pure logic: backoff, payload samples, connection settings checks."""
+
+import json
+import random
+
+import pytest
+
+from services.logger import payload_sample
+from shared import backoff
+from shared.connections import ConnectionSettings
+
+
+def test_backoff_grows_to_the_cap_with_jitter():
+    rng = random.Random(1)
+    for attempt in range(1, 12):
+        nominal = min(0.5 * 2 ** (attempt - 1), 8.0)
+        for _ in range(20):
+            assert nominal / 2 <= backoff.delay(attempt, 0.5, 8.0, rng) <= nominal
+    with pytest.raises(ValueError):
+        backoff.delay(0, 1, 2)
+
+
+def test_payload_sample_keeps_json():
+    assert json.loads(payload_sample(b'{"a": [1, 2]}')) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe\x00abc", b'{"a": "\\u0000"}', b"x\x00y", b"{bad",
+                                 b'{"a": NaN}', b"[" * 100000])
+def test_payload_sample_takes_any_bytes(raw):
+    doc = json.loads(payload_sample(raw))
+    assert "sample" in doc and "\x00" not in doc["sample"]
+
+
+def test_payload_sample_is_cut_to_5000_characters():
+    doc = json.loads(payload_sample(json.dumps({"k": "x" * 20000}).encode()))
+    assert doc["truncated"] is True and len(doc["sample"]) == 5000
+
+
+def settings(**kw):
+    base = dict(connection_id=1, site_id=1, broker_host="h", broker_port=1883)
+    return ConnectionSettings(**{**base, **kw})
+
+
+def test_settings_problems_are_plain():
+    assert settings().problems() == []
+    assert "unknown parser" in settings(parser_name="nope").problems()[0]
+    assert "topic" in settings(topics=("a/#/b",)).problems()[0]
+    assert "does not exist" in settings(use_tls=True, tls_ca_path="/nonexistent/ca.pem").problems()[0]
+
+
+def test_fingerprint_follows_broker_settings_only():
+    assert settings().fingerprint == settings(monitor_pid=5).fingerprint
+    assert settings().fingerprint != settings(password="x", username="u").fingerprint
+    assert settings().effective_client_id == "sitelink-1"
