@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import signal
 import ssl
@@ -103,6 +104,7 @@ class ConnectionChild:
         if c.use_tls:
             client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
         client.connect_timeout = self.settings.connect_timeout
+        client.enable_logger(logging.getLogger("paho.mqtt"))  # routed into loguru
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

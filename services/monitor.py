@@ -63,7 +63,11 @@ class Hold:
 def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"killed by signal {signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig}"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {name}"
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
