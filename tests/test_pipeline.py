@@ -350,3 +350,22 @@ def test_logger_keeps_events_while_postgres_is_down(broker, tmp_path, publisher)
             stack.close()
         server.stop()
         remove_tree(base)
+
+
+def test_changed_broker_settings_restart_only_that_child(stack, broker, publisher):
+    changed = stack.sql.add_site("sigma", port=broker.port, topics=["old/sigma/#"])
+    other = stack.sql.add_site("tau", port=broker.port)
+    stack.start("logger", "monitor")
+    stack.sql.wait_status(changed, "connected")
+    stack.sql.wait_status(other, "connected")
+    before = set(wait_for(lambda: len(c := monitor_children(stack)) == 2 and c, what="2 children"))
+    stack.sql.rows("UPDATE mqtt_connection SET topics = ARRAY['new/sigma/#'] WHERE id = %s", changed)
+    after = set(wait_for(lambda: len(c := set(monitor_children(stack))) == 2 and c != before and c,
+                         what="a new child for the changed connection"))
+    assert len(before & after) == 1  # the other connection kept its process
+    wait_for(lambda: stack.sql.value("SELECT count(*) FROM mqtt_connection_log WHERE connection_id = %s "
+                                     "AND message LIKE 'Successfully connected%%'", changed) == 2,
+             what="the new child connected")
+    publisher.publish("new/sigma/GW-9", reading(gateway="GW-9", **{"S-1": {"t": 1}}))
+    wait_for(lambda: stack.sql.value("SELECT count(*) FROM gateway WHERE name = 'GW-9'") == 1,
+             what="a reading on the new topic")
