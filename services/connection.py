@@ -160,12 +160,12 @@ class ConnectionChild:
     # -- paho callbacks (called from loop_read/loop_misc in our own loop)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connack_deadline = None
         if reason_code.is_failure:
+            self.connack_deadline = None
             self._failed(f"the broker refused the connection: {reason_code}")
             return
-        self.failures = 0
-        self.transition("connected", f"Successfully connected to {self.where}")
+        # "connected" means data flows: it is reported once the broker has
+        # answered the subscription (SUBACK), within the same deadline.
         client.subscribe([(topic, self.conn.qos) for topic in self.conn.topics])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -181,6 +181,10 @@ class ConnectionChild:
             self._failed(f"the broker closed the connection before accepting it ({reason_code})")
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if self.status == "connecting":
+            self.connack_deadline = None
+            self.failures = 0
+            self.transition("connected", f"Successfully connected to {self.where}")
         for topic, code in zip(self.conn.topics, reason_codes):
             if code.is_failure:
                 self.events.send(ConnectionLog(
@@ -254,7 +258,7 @@ class ConnectionChild:
         if (self.status == "connecting" and self.connack_deadline is not None
                 and time.monotonic() > self.connack_deadline):
             self.client.disconnect()
-            self._failed(f"no answer (CONNACK) from the broker within {self.settings.connect_timeout:g} s")
+            self._failed(f"no answer (CONNACK/SUBACK) from the broker within {self.settings.connect_timeout:g} s")
 
     def _stop(self, signals: SignalPipe) -> None:
         self.stopping = True

@@ -118,7 +118,7 @@ class Settings:
     retry_cooldown: float = _setting("RETRY_COOLDOWN", 300.0, _positive_float,
                                      "How long a connection that gave up waits before a new start.")
     connect_timeout: float = _setting("CONNECT_TIMEOUT", 10.0, _positive_float,
-                                      "Seconds to wait for the broker's CONNACK.")
+                                      "Seconds to wait for the TCP connection, CONNACK and SUBACK.")
     resend_after: float = _setting("RESEND_AFTER", 5.0, _positive_float,
                                    "Seconds without an ack after which events are sent again.")
     ack_linger: float = _setting("ACK_LINGER", 3.0, _non_negative_float,
