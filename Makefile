@@ -1,0 +1,185 @@
+# sitelink: make setup | up | status | watch | logs | psql | down | test | clean
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.NOTPARALLEL:
+
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+VENV := $(ROOT)/.venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONF := $(ROOT)/supervisor_conf/supervisord.conf
+SUPERVISORD := $(VENV)/bin/supervisord -c $(CONF)
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(CONF)
+VAR := $(ROOT)/var
+PIDFILE := $(VAR)/run/supervisord.pid
+PROGRAMS := postgres mosquitto logger monitor demo
+
+export SITELINK_EMBEDDED_PG_PORT ?= 55432
+export SITELINK_EMBEDDED_MQTT_PORT ?= 18830
+
+PYTEST_ARGS ?=
+
+# True while the supervisord of this checkout runs (pid file + live process).
+supervisord_running = { pid=$$(cat "$(PIDFILE)" 2>/dev/null || true); [[ -n $$pid ]] && kill -0 "$$pid" 2>/dev/null && grep -qa supervisord "/proc/$$pid/cmdline" 2>/dev/null; }
+
+.PHONY: help setup system-deps venv up down status watch migrate logs psql test bench clean
+
+help:
+	@echo "sitelink targets:"
+	@echo "  make setup    install system packages (as root) and the .venv"
+	@echo "  make up       start the embedded stack (PostgreSQL, Mosquitto, logger, monitor, demo)"
+	@echo "  make status   sites and their connections"
+	@echo "  make watch    the live status feed"
+	@echo "  make logs     follow the log files"
+	@echo "  make psql     a psql shell on the database"
+	@echo "  make down     stop everything"
+	@echo "  make test     run the test suite (PYTEST_ARGS='-k name' to select)"
+	@echo "  make clean    remove var/ and logs/ (stack must be down)"
+
+# ---------------------------------------------------------------- setup
+
+setup: system-deps venv
+
+system-deps:
+	@need=(); \
+	if [[ ! -x /usr/sbin/mosquitto ]] && ! command -v mosquitto >/dev/null 2>&1; then need+=(mosquitto); fi; \
+	if [[ -z "$${SITELINK_PG_BIN:-}" ]] && ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then need+=(postgresql); fi; \
+	if ! command -v psql >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1; then need+=(postgresql-client); fi; \
+	if [[ ! -x $(PYTHON) ]] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi; \
+	if [[ $${#need[@]} -eq 0 ]]; then exit 0; fi; \
+	if [[ $$(id -u) -ne 0 ]]; then \
+	    echo "sitelink needs these Debian packages: $${need[*]}" >&2; \
+	    echo "install them as root: apt-get install -y $${need[*]}   (or run 'make setup' as root)" >&2; \
+	    exit 1; \
+	fi; \
+	echo "installing $${need[*]} ..."; \
+	policy=/usr/sbin/policy-rc.d; \
+	if [[ ! -e $$policy ]]; then \
+	    printf '#!/bin/sh\n# written by sitelink make setup: start no services during the install\nexit 101\n' >"$$policy"; \
+	    chmod 0755 "$$policy"; \
+	    trap 'rm -f "$$policy"' EXIT; \
+	fi; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${need[@]}"
+	@newest=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true); \
+	if [[ -z "$${SITELINK_PG_BIN:-}" && -n $$newest ]]; then \
+	    major=$$(basename "$$(dirname "$$newest")"); \
+	    if [[ ! $$major =~ ^[0-9]+$$ || $$major -lt 15 ]]; then \
+	        echo "sitelink needs PostgreSQL 15 or newer; found $$major in $$newest (set SITELINK_PG_BIN to a newer bin/)" >&2; \
+	        exit 1; \
+	    fi; \
+	fi
+
+venv: $(STAMP)
+
+$(PYTHON):
+	python3 -m venv "$(VENV)"
+
+$(STAMP): $(ROOT)/pyproject.toml | $(PYTHON)
+	"$(PYTHON)" -m pip install --disable-pip-version-check -e "$(ROOT)[test]"
+	touch "$@"
+
+# ---------------------------------------------------------------- the stack
+
+up: setup
+	@cd "$(ROOT)"; \
+	mkdir -p "$(VAR)/run" "$(VAR)/log" "$(VAR)/mosquitto"; \
+	if $(supervisord_running); then \
+	    echo "supervisord is running (pid $$(cat "$(PIDFILE)"))"; \
+	else \
+	    echo "starting supervisord (PostgreSQL on 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT, Mosquitto on 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT)"; \
+	    $(SUPERVISORD); \
+	fi; \
+	$(SUPERVISORCTL) start postgres mosquitto >/dev/null 2>&1 || true; \
+	echo "waiting for PostgreSQL ..."; \
+	deadline=$$((SECONDS + 60)); \
+	until pg_isready -q -h "$(VAR)/run" -p "$$SITELINK_EMBEDDED_PG_PORT" -U sitelink -d postgres; do \
+	    state=$$($(SUPERVISORCTL) status postgres 2>/dev/null | awk '{print $$2}' || true); \
+	    if [[ $$state == FATAL || $$SECONDS -ge $$deadline ]]; then \
+	        echo "PostgreSQL did not start (state: $${state:-unknown}); end of var/log/postgres.log:" >&2; \
+	        tail -n 30 "$(VAR)/log/postgres.log" >&2 || true; \
+	        echo "(make down stops what did start)" >&2; \
+	        exit 1; \
+	    fi; \
+	    sleep 0.5; \
+	done; \
+	psql_="psql -X -q -h $(VAR)/run -p $$SITELINK_EMBEDDED_PG_PORT -U sitelink"; \
+	if [[ -z $$($$psql_ -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'sitelink'") ]]; then \
+	    echo "creating database sitelink"; \
+	    $$psql_ -d postgres -c 'CREATE DATABASE sitelink'; \
+	fi; \
+	"$(PYTHON)" -m services.admin migrate; \
+	"$(PYTHON)" -m services.admin seed-demo; \
+	for p in logger monitor demo; do \
+	    case "$$($(SUPERVISORCTL) status $$p 2>/dev/null | awk '{print $$2}' || true)" in \
+	        RUNNING|STARTING) ;; \
+	        *) $(SUPERVISORCTL) start $$p || true ;; \
+	    esac; \
+	done; \
+	echo "waiting for every program to be RUNNING ..."; \
+	deadline=$$((SECONDS + 60)); \
+	while :; do \
+	    status=$$($(SUPERVISORCTL) status 2>/dev/null || true); \
+	    running=$$(awk '$$2 == "RUNNING"' <<<"$$status" | wc -l); \
+	    if [[ $$running -eq $(words $(PROGRAMS)) ]]; then break; fi; \
+	    if [[ $$SECONDS -ge $$deadline ]]; then \
+	        echo "$$status" >&2; \
+	        echo "not every program is RUNNING after 60 s; see var/log/<program>.log (make down stops them)" >&2; \
+	        exit 1; \
+	    fi; \
+	    sleep 0.5; \
+	done; \
+	echo "$$status"; \
+	echo; \
+	echo "sitelink is up: PostgreSQL 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT (socket var/run), Mosquitto 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT"; \
+	echo "  make status   sites and their connections"; \
+	echo "  make watch    the live status feed"; \
+	echo "  make logs     follow the log files (logs/, var/log/)"; \
+	echo "  make psql     a psql shell on the database"; \
+	echo "  make down     stop everything"
+
+down:
+	@if ! $(supervisord_running); then echo "supervisord is not running"; exit 0; fi; \
+	pid=$$(cat "$(PIDFILE)"); \
+	echo "stopping supervisord (pid $$pid) and its programs ..."; \
+	$(SUPERVISORCTL) shutdown >/dev/null || kill -TERM "$$pid" 2>/dev/null || true; \
+	deadline=$$((SECONDS + 60)); \
+	while kill -0 "$$pid" 2>/dev/null; do \
+	    if [[ $$SECONDS -ge $$deadline ]]; then \
+	        echo "supervisord (pid $$pid) is still running after 60 s; see var/log/supervisord.log" >&2; \
+	        exit 1; \
+	    fi; \
+	    sleep 0.2; \
+	done; \
+	echo "stopped"
+
+status: venv
+	@"$(PYTHON)" -m services.admin status
+
+watch: venv
+	@"$(PYTHON)" -m services.admin watch
+
+migrate: venv
+	@"$(PYTHON)" -m services.admin migrate
+
+logs:
+	@cd "$(ROOT)" && mkdir -p logs && tail -F logs/mqtt_connections.log logs/mqtt_parsing.log var/log/*.log
+
+psql: venv
+	@url=$$("$(PYTHON)" -m services.admin dburl) && exec psql "$$url"
+
+# ---------------------------------------------------------------- tests
+
+test: setup
+	cd "$(ROOT)" && "$(PYTHON)" -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@cd "$(ROOT)"; \
+	if [[ -d tests/bench ]]; then "$(PYTHON)" -m pytest tests/bench $(PYTEST_ARGS); \
+	else echo "no benchmarks yet (tests/bench does not exist)"; fi
+
+clean:
+	@if $(supervisord_running); then echo "the stack is running: make down first" >&2; exit 1; fi; \
+	rm -rf "$(VAR)" "$(ROOT)/logs"; \
+	echo "removed var/ and logs/"
