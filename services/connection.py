@@ -235,9 +235,7 @@ class ConnectionChild:
         timeout = TICK
         if self.status in ("disconnected", "error"):
             timeout = min(timeout, max(0.0, self.next_attempt_at - time.monotonic()))
-        resend = self.events.resend_due()
-        if resend is not None:
-            timeout = min(timeout, resend)
+        timeout = self.events.bound(timeout)
         poller = zmq.Poller()
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.events.socket, zmq.POLLIN)

@@ -129,9 +129,7 @@ class Monitor:
             timeout = min(timeout, max(0.0, min(holds) - now) + 0.01)
         if any(c.stop_sent_at is not None for c in self.children.values()):
             timeout = min(timeout, 0.2)
-        resend = self.events.resend_due()
-        if resend is not None:
-            timeout = min(timeout, resend)
+        timeout = self.events.bound(timeout)
         poller = zmq.Poller()
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.events.socket, zmq.POLLIN)

@@ -99,6 +99,11 @@ class EventSender:
         self._resend_wait = min(self._resend_wait * 2, max(RESEND_CAP, self.resend_after))
         return self._resend_wait
 
+    def bound(self, timeout: float) -> float:
+        """Resend if due; return ``timeout`` shortened to when the next resend is due."""
+        resend = self.resend_due()
+        return timeout if resend is None else min(timeout, resend)
+
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every event to be acknowledged."""
         deadline = time.monotonic() + timeout
