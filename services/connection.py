@@ -31,8 +31,11 @@ import traceback
 import paho.mqtt.client as mqtt
 import zmq
 from loguru import logger
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shared import backoff, config, db, exitcodes, logs, parsers, protocol
+from shared.attempts import AttemptSlots
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, Data, ParseFailure, StatusChange
@@ -41,6 +44,19 @@ from shared.signals import SignalPipe
 PR_SET_PDEATHSIG = 1
 #: How often the loop wakes at the least, for keepalive pings and timers.
 TICK = 1.0
+#: How long an MQTT 5 broker keeps our session while we are away.
+SESSION_EXPIRY = 7 * 24 * 3600
+
+#: CONNACK reason codes that retrying will not fix, in plain words.
+REJECTIONS = {
+    0x84: "the broker does not support this MQTT protocol version",
+    0x85: "the broker rejected the client id",
+    0x86: "the broker rejected the username or password",
+    0x87: "the broker says this client is not authorised to connect",
+    0x8A: "the broker has banned this client",
+    0x8C: "the broker rejected the authentication method",
+}
+SESSION_TAKEN_OVER = 0x8E
 
 
 def die_with_parent(monitor_pid: int) -> None:
@@ -58,6 +74,11 @@ def die_with_parent(monitor_pid: int) -> None:
         pass
     if os.getppid() != monitor_pid:
         sys.exit(exitcodes.ORPHANED)
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """Failures that will not fix themselves by retrying (unlike network trouble)."""
+    return isinstance(exc, ssl.SSLCertVerificationError)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -87,18 +108,28 @@ class ConnectionChild:
         self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
                                   resend_after=settings.resend_after)
         self.client = self._make_client()
+        self.slots = AttemptSlots(conn.attempt_slots, settings.connect_rate) if conn.attempt_slots else None
+        self.slot_at: float | None = None  # the booked attempt slot (monotonic)
+        self.stall_after = conn.stall_seconds(settings.stall_after)
         self.status = "disconnected"
         self.failures = 0  # failed attempts in a row
+        self.rejections = 0  # of which rejections that retrying will not fix
         self.next_attempt_at = 0.0  # monotonic
         self.connack_deadline: float | None = None
+        self.last_traffic = time.monotonic()  # last message received, or connection made
+        self.drop_reason: str | None = None  # why we are closing a live connection ourselves
         self.stopping = False
         self.exit_code = exitcodes.OK
 
     def _make_client(self) -> mqtt.Client:
         c = self.conn
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                             clean_session=True, protocol=mqtt.MQTTv311,
-                             reconnect_on_failure=False)
+        if c.mqtt_protocol == "5":
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 clean_session=c.clean_session, protocol=mqtt.MQTTv311,
+                                 reconnect_on_failure=False)
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.use_tls:
@@ -129,25 +160,47 @@ class ConnectionChild:
         logger.info("connection {} {}: {}", self.conn.connection_id, status, message)
 
     def _attempt(self) -> None:
+        if self.slots is not None:
+            # Take a turn in the monitor-wide attempt rate before connecting.
+            if self.slot_at is None:
+                self.slot_at = self.slots.reserve()
+            if time.monotonic() < self.slot_at:
+                self.next_attempt_at = self.slot_at
+                return
+            self.slot_at = None
         attempt = self.failures + 1
         self.transition("connecting", f"Connecting to {self.where} (attempt {attempt})",
                         retry_attempt=attempt)
         try:
-            self.client.connect(self.conn.broker_host, self.conn.broker_port, self.conn.keepalive)
+            if self.conn.mqtt_protocol == "5":
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = 0 if self.conn.clean_session else SESSION_EXPIRY
+                self.client.connect(self.conn.broker_host, self.conn.broker_port, self.conn.keepalive,
+                                    clean_start=self.conn.clean_session, properties=properties)
+            else:
+                self.client.connect(self.conn.broker_host, self.conn.broker_port, self.conn.keepalive)
         except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSErrors
-            self._failed(describe_exception(exc), exc)
+            self._failed(describe_exception(exc), exc, rejected=is_rejection(exc))
             return
         self.connack_deadline = time.monotonic() + self.settings.connect_timeout
 
-    def _failed(self, reason: str, exc: BaseException | None = None) -> None:
-        """An attempt failed: schedule the next one, or give up into the cool-down."""
+    def _failed(self, reason: str, exc: BaseException | None = None, rejected: bool = False) -> None:
+        """An attempt failed: schedule the next one, or give up into the cool-down.
+
+        Network trouble backs off up to SITELINK_MAX_RETRIES attempts; a
+        rejection that retrying will not fix (credentials, authorisation, TLS
+        certificate, client id) gives up after SITELINK_MAX_REJECTIONS.
+        """
         self.connack_deadline = None
         self.failures += 1
-        if self.failures >= self.settings.max_retries:
+        self.rejections = self.rejections + 1 if rejected else 0
+        if self.failures >= self.settings.max_retries or self.rejections >= self.settings.max_rejections:
             resume_at = time.time() + self.settings.retry_cooldown
+            why = (f"rejected {self.rejections} times in a row" if self.rejections >= self.settings.max_rejections
+                   else f"{self.failures} failed attempts in a row")
             self.transition(
-                "error", f"{reason}; giving up after {self.failures} failed attempts in a row, "
-                         f"next start in {self.settings.retry_cooldown:.0f} s",
+                "error", f"{reason}; giving up after {why}, "
+                         f"next start in {self.settings.retry_cooldown:.0f} s unless the row changes",
                 exc, retry_attempt=self.failures, next_retry_at=resume_at, gave_up=True)
             self.exit_code = exitcodes.GAVE_UP
             self.stopping = True
@@ -162,7 +215,11 @@ class ConnectionChild:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.connack_deadline = None
-            self._failed(f"the broker refused the connection: {reason_code}")
+            plain = REJECTIONS.get(reason_code.value)
+            if plain is not None:
+                self._failed(f"{plain} ({reason_code})", rejected=True)
+            else:
+                self._failed(f"the broker refused the connection: {reason_code}")
             return
         # "connected" means data flows: it is reported once the broker has
         # answered the subscription (SUBACK), within the same deadline.
@@ -172,18 +229,27 @@ class ConnectionChild:
         if self.status == "connected":
             if self.stopping:
                 self.transition("disconnected", "")
+                return
+            if self.drop_reason is not None:
+                reason, self.drop_reason = self.drop_reason, None
+                self.next_attempt_at = time.monotonic()  # we dropped it: reconnect at once
             else:
-                reason = f"connection lost ({reason_code})"
-                self.transition("disconnected", reason)
+                if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+                    reason = (f"another client with the same client id "
+                              f"({self.conn.effective_client_id}) took over the session")
+                else:
+                    reason = f"connection lost ({reason_code})"
                 self.next_attempt_at = time.monotonic() + backoff.delay(
                     1, self.settings.retry_base, self.settings.retry_cap)
+            self.transition("disconnected", reason)
         elif self.status == "connecting" and self.connack_deadline is not None:
             self._failed(f"the broker closed the connection before accepting it ({reason_code})")
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if self.status == "connecting":
             self.connack_deadline = None
-            self.failures = 0
+            self.failures = self.rejections = 0
+            self.last_traffic = time.monotonic()
             self.transition("connected", f"Successfully connected to {self.where}")
         for topic, code in zip(self.conn.topics, reason_codes):
             if code.is_failure:
@@ -193,6 +259,7 @@ class ConnectionChild:
                     broker_host=self.conn.broker_host))
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self.last_traffic = time.monotonic()
         payload = message.payload
         try:
             records = self.parser(payload, message.topic)
@@ -222,6 +289,8 @@ class ConnectionChild:
             self._stop(signals)
         finally:
             signals.close()
+            if self.slots is not None:
+                self.slots.close()
             self.events.close()
             self.context.term()
         return self.exit_code
@@ -257,6 +326,35 @@ class ConnectionChild:
                 and time.monotonic() > self.connack_deadline):
             self.client.disconnect()
             self._failed(f"no answer (CONNACK/SUBACK) from the broker within {self.settings.connect_timeout:g} s")
+        if self.status == "connected":
+            self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        """Notice a dead path (no PINGRESP) and a silent stall (no message for too long)."""
+        now = time.monotonic()
+        # paho records when it sent a PINGREQ still unanswered (0 when none);
+        # it would wait a whole keepalive more, we wait ping_timeout.
+        ping_sent = getattr(self.client, "_ping_t", 0)
+        if ping_sent and now - ping_sent > self.conn.ping_seconds:
+            self._drop(f"no answer to a ping within {self.conn.ping_seconds:g} s: "
+                       f"the broker or the network path to it is dead")
+        elif self.stall_after is not None and now - self.last_traffic > self.stall_after:
+            message = (f"connected but received nothing for {self.stall_after:g} s; "
+                       f"reconnecting and subscribing again")
+            self.events.send(ConnectionLog(connection_id=self.conn.connection_id, level="WARNING",
+                                           message=message, broker_host=self.conn.broker_host))
+            self._drop(f"stalled: {message}")
+
+    def _drop(self, reason: str) -> None:
+        """Close a live connection ourselves; it reconnects at once."""
+        self.drop_reason = reason
+        self.client.disconnect()
+        if self.client.socket() is not None and self.client.want_write():
+            self.client.loop_write()
+        if self.status == "connected":
+            # A dead peer never completes the close: do it ourselves.
+            self.client._sock_close()  # noqa: SLF001 (paho has no public abort)
+            self._on_disconnect(self.client, None, None, None, None)
 
     def _stop(self, signals: SignalPipe) -> None:
         self.stopping = True

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import zmq
 from loguru import logger
 
-from shared import backoff, config, db, exitcodes, logs, protocol
+from shared import attempts, backoff, config, db, exitcodes, logs, protocol
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
@@ -43,7 +43,7 @@ DEVICE_KINDS = ("gateway", "datalogger", "sensor")
 class Child:
     connection_id: int
     pid: int
-    fingerprint: str
+    settings: ConnectionSettings
     started_at: float
     stop_reason: str | None = None
     stop_sent_at: float | None = None
@@ -83,6 +83,10 @@ class Monitor:
         self.by_pid: dict[int, Child] = {}
         self.holds: dict[int, Hold] = {}
         self.settled: set[int] = set()  # inactive connections already reported disconnected
+        self.known: dict[int, ConnectionSettings] = {}  # last settings seen per connection
+        self.fresh: set[int] = set()  # changed or re-activated: start regardless of retry state
+        self.renewed_at = time.monotonic()
+        self.attempt_slots = attempts.create()
         self.listener: db.Listener | None = None
         self.wake_now = True
         self.started_since_cycle = 0
@@ -111,6 +115,8 @@ class Monitor:
                 self._wait(signals, next_cycle)
         finally:
             self.stop_all()
+            self._release_all()
+            self.attempt_slots.unlink(missing_ok=True)
             self.events.flush(self.settings.ack_linger)
             self.events.close()
             self.context.term()
@@ -169,29 +175,37 @@ class Monitor:
         started_at = time.monotonic()
         try:
             with self.db.transaction() as s:
-                rows = s.rows("monitor_connections")
+                rows = s.rows("monitor_connections", {"me": self.instance_id})
         except db.DatabaseError as exc:
             logger.warning("monitor {}: cannot read connections ({}); children keep running",
                            self.instance_id, exc)
+            self._fence()
             return
         seen: set[int] = set()
+        to_start: list[ConnectionSettings] = []
         for row in rows:
             seen.add(row["id"])
             try:
-                self._reconcile(row)
+                settings = self._reconcile(row)
             except Exception as exc:  # one bad row must never stop the monitor
                 logger.exception("monitor {}: connection {} could not be handled", self.instance_id, row["id"])
                 self._report_once(row["id"], f"crash:{exc}", ConnectionLog(
                     connection_id=row["id"], level="ERROR",
                     message=f"the monitor could not handle this connection: {type(exc).__name__}: {exc}",
                     exception_type=type(exc).__name__))
+                continue
+            if settings is not None:
+                to_start.append(settings)
         for cid in list(self.children):
             if cid not in seen:
                 self._stop(self.children[cid], "the connection was deleted")
-        for cid in list(self.holds):
-            if cid not in seen:
-                del self.holds[cid]
+        for table in (self.holds, self.known):
+            for cid in [cid for cid in table if cid not in seen]:
+                del table[cid]
         self.settled &= seen
+        self.fresh &= seen
+        self._claim_and_start(to_start)
+        self._renew_claims()
         offline = self._mark_offline()
         duration = time.monotonic() - started_at
         logger.info("monitor {} cycle: {} running, {} started, {} stopped, offline {}, {:.0f} ms",
@@ -202,10 +216,13 @@ class Monitor:
                                       offline=offline, duration=duration))
         self.started_since_cycle = self.stopped_since_cycle = 0
 
-    def _reconcile(self, row: dict) -> None:
+    def _reconcile(self, row: dict) -> ConnectionSettings | None:
+        """Act on one row; return its settings if a child should start for it."""
         cid = row["id"]
         child = self.children.get(cid)
-        settings = ConnectionSettings.from_mapping(row, monitor_pid=os.getpid())
+        settings = ConnectionSettings.from_mapping(row, monitor_pid=os.getpid(),
+                                                   attempt_slots=str(self.attempt_slots))
+        self._note_changes(cid, settings)
         hold = self.holds.get(cid)
         if hold is not None and hold.fingerprint is not None and hold.fingerprint != settings.fingerprint:
             del self.holds[cid]  # the row changed: whatever held it may be fixed
@@ -218,24 +235,96 @@ class Monitor:
                                               broker_host=row["broker_host"]))
             self.settled.add(cid)
             self.holds.pop(cid, None)
-            return
+            self.fresh.add(cid)  # is_active off and on again: start at once
+            return None
         self.settled.discard(cid)
+        if not row["is_claimable"]:
+            if child is not None:
+                self._stop(child, f"monitor {row['claimed_by']} holds this connection now")
+            return None
         if child is not None:
-            if child.fingerprint != settings.fingerprint and child.stop_reason is None:
+            if child.settings.fingerprint != settings.fingerprint and child.stop_reason is None:
                 self._stop(child, "its broker settings changed", restart=True)
-            return
+            return None
         if hold is not None and hold.until > time.monotonic():
-            return
-        if not row["is_due"]:
-            return
+            return None
+        if not row["is_due"] and cid not in self.fresh:
+            return None
         problems = settings.problems()
         if problems:
             message = "cannot start: " + "; ".join(problems)
             self.holds[cid] = Hold(until=float("inf"), fingerprint=settings.fingerprint)
             self._report_once(cid, message, StatusChange(connection_id=cid, status="error", message=message,
                                                          broker_host=settings.broker_host))
+            return None
+        return settings
+
+    def _note_changes(self, cid: int, settings: ConnectionSettings) -> None:
+        """Log which settings of a connection changed (names only, never values)."""
+        before = self.known.get(cid)
+        self.known[cid] = settings
+        if before is None or before.fingerprint == settings.fingerprint:
             return
-        self._spawn(settings)
+        fields = settings.changed_fields(before)
+        self.fresh.add(cid)  # a changed row connects at once, whatever its retry state
+        self.events.send(ConnectionLog(connection_id=cid, level="INFO",
+                                       message=f"settings changed: {', '.join(fields)}",
+                                       broker_host=settings.broker_host))
+
+    # -- claims: never two clients for one site, even with two monitors
+
+    def _claim_and_start(self, to_start: list[ConnectionSettings]) -> None:
+        if not to_start:
+            return
+        try:
+            with self.db.transaction() as s:
+                won = {r["id"] for r in s.rows("claim_connections", {
+                    "me": self.instance_id, "lease": self.settings.claim_lease,
+                    "ids": [c.connection_id for c in to_start]})}
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: cannot claim connections ({}); trying next cycle", self.instance_id, exc)
+            return
+        for settings in to_start:
+            if settings.connection_id in won:
+                self.fresh.discard(settings.connection_id)
+                self._spawn(settings)
+            else:
+                logger.info("connection {} is held by another monitor; not starting it", settings.connection_id)
+
+    def _claimed(self) -> set[int]:
+        """Connections this monitor keeps: running, or waiting to be restarted by it."""
+        now = time.monotonic()
+        return set(self.children) | {cid for cid, h in self.holds.items() if h.until > now}
+
+    def _renew_claims(self) -> None:
+        keep = self._claimed()
+        try:
+            with self.db.transaction() as s:
+                renewed = {r["id"] for r in s.rows("renew_claims", {
+                    "me": self.instance_id, "lease": self.settings.claim_lease, "ids": list(keep)})}
+                s.run("release_claims", {"me": self.instance_id, "keep": list(keep)})
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: cannot renew claims ({})", self.instance_id, exc)
+            self._fence()
+            return
+        self.renewed_at = time.monotonic()
+        for cid in set(self.children) - renewed:
+            self._stop(self.children[cid], "this monitor's claim on it was lost")
+
+    def _fence(self) -> None:
+        """Past our lease another monitor may start our connections: stop ours first."""
+        if self.children and time.monotonic() - self.renewed_at > self.settings.claim_lease:
+            for child in list(self.children.values()):
+                self._stop(child, f"claims not renewed for {self.settings.claim_lease:g} s "
+                                  f"(database unreachable); another monitor may take over")
+
+    def _release_all(self) -> None:
+        try:
+            with self.db.transaction() as s:
+                s.run("release_claims", {"me": self.instance_id, "keep": []})
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: could not release its claims ({}); they expire in {:g} s",
+                           self.instance_id, exc, self.settings.claim_lease)
 
     def _report_once(self, cid: int, key: str, event: protocol.Event) -> None:
         hold = self.holds.setdefault(cid, Hold())
@@ -264,7 +353,7 @@ class Monitor:
             pass  # it died at once; reaping will tell why
         proc.returncode = 0  # we reap by PID ourselves; keep Popen from trying later
         child = Child(connection_id=settings.connection_id, pid=proc.pid,
-                      fingerprint=settings.fingerprint, started_at=time.monotonic())
+                      settings=settings, started_at=time.monotonic())
         self.children[child.connection_id] = child
         self.by_pid[child.pid] = child
         self.started_since_cycle += 1
@@ -325,15 +414,24 @@ class Monitor:
             logger.info("connection {} gave up; waiting out the {:g} s cool-down", cid,
                         self.settings.retry_cooldown)
             self.holds[cid] = Hold(until=time.monotonic() + self.settings.retry_cooldown,
-                                   fingerprint=child.fingerprint)
+                                   fingerprint=child.settings.fingerprint)
             return
         if code == exitcodes.CONFIG:
-            self.holds[cid] = Hold(until=float("inf"), fingerprint=child.fingerprint)
+            self.holds[cid] = Hold(until=float("inf"), fingerprint=child.settings.fingerprint)
             self.events.send(StatusChange(connection_id=cid, status="error",
                                           message="the connection's settings are unusable; "
                                                   "fix the row to start it again"))
             return
-        wait = self._hold_after_crash(cid, child.started_at, child.fingerprint)
+        wait = self._hold_after_crash(cid, child.started_at, child.settings.fingerprint)
+        crashes = self.holds[cid].crashes
+        if crashes > self.settings.crash_limit:
+            self.holds[cid].until = float("inf")
+            message = (f"the connection's process crashed {crashes} times in a row soon after starting "
+                       f"(last: {how}); left stopped until its row changes or is_active is switched "
+                       f"off and on")
+            logger.error("connection {} (pid {}): {}", cid, child.pid, message)
+            self.events.send(StatusChange(connection_id=cid, status="error", message=message))
+            return
         message = f"the connection's process crashed ({how}); restarting it in {wait:.1f} s"
         logger.warning("connection {} (pid {}): {}", cid, child.pid, message)
         self.events.send(StatusChange(connection_id=cid, status="error", message=message,

@@ -117,6 +117,18 @@ class Settings:
                                 "Failed attempts in a row after which a child gives up.")
     retry_cooldown: float = _setting("RETRY_COOLDOWN", 300.0, _positive_float,
                                      "How long a connection that gave up waits before a new start.")
+    max_rejections: int = _setting("MAX_REJECTIONS", 3, _positive_int,
+                                   "Rejections in a row (bad password, not authorised, TLS certificate, "
+                                   "client id) after which a child gives up.")
+    connect_rate: float = _setting("CONNECT_RATE", 20.0, _positive_float,
+                                   "Most connection attempts per second across one monitor's children.")
+    stall_after: float = _setting("STALL_AFTER", 900.0, _positive_float,
+                                  "Seconds without a message after which a connected connection is taken "
+                                  "for stalled and reconnected (per connection: stall_after).")
+    crash_limit: int = _setting("CRASH_LIMIT", 5, _positive_int,
+                                "Crashes in a row soon after start after which a child is left stopped.")
+    claim_lease: float = _setting("CLAIM_LEASE", 90.0, _positive_float,
+                                  "Seconds a monitor's claim on a connection lasts unless renewed.")
     connect_timeout: float = _setting("CONNECT_TIMEOUT", 10.0, _positive_float,
                                       "Seconds to wait for the TCP connection, CONNACK and SUBACK.")
     resend_after: float = _setting("RESEND_AFTER", 5.0, _positive_float,
@@ -170,6 +182,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.retry_base > settings.retry_cap:
         raise ConfigError(f"{PREFIX}RETRY_BASE ({settings.retry_base}) must not exceed "
                           f"{PREFIX}RETRY_CAP ({settings.retry_cap})")
+    if settings.claim_lease <= settings.monitor_interval:
+        raise ConfigError(f"{PREFIX}CLAIM_LEASE ({settings.claim_lease}) must exceed "
+                          f"{PREFIX}MONITOR_INTERVAL ({settings.monitor_interval}): claims are renewed each cycle")
     if settings.restart_base > settings.restart_cap:
         raise ConfigError(f"{PREFIX}RESTART_BASE ({settings.restart_base}) must not exceed "
                           f"{PREFIX}RESTART_CAP ({settings.restart_cap})")

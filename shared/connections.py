@@ -13,7 +13,9 @@ from shared import parsers
 
 #: Columns of ``mqtt_connection`` whose change restarts the connection's child.
 BROKER_FIELDS = ("site_id", "broker_host", "broker_port", "username", "password", "client_id",
-                 "keepalive", "use_tls", "tls_ca_path", "topics", "qos", "parser_name")
+                 "keepalive", "use_tls", "tls_ca_path", "topics", "qos", "parser_name",
+                 "stall_after", "ping_timeout", "mqtt_protocol", "clean_session")
+SECRET_FIELDS = frozenset({"password"})
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,14 @@ class ConnectionSettings:
     topics: tuple[str, ...] = ("#",)
     qos: int = 1
     parser_name: str = "json"
-    # Runtime facts the monitor adds: its PID, so the child can tell it was orphaned.
+    stall_after: int | None = 0  # seconds; 0 = the SITELINK_STALL_AFTER default, None = never
+    ping_timeout: int | None = None  # seconds; None = half the keepalive
+    mqtt_protocol: str = "3.1.1"
+    clean_session: bool = False
+    # Runtime facts the monitor adds: its PID, so the child can tell it was
+    # orphaned, and the file through which its children share the connect rate.
     monitor_pid: int = 0
+    attempt_slots: str | None = None
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **extra: Any) -> ConnectionSettings:
@@ -48,6 +56,21 @@ class ConnectionSettings:
     def effective_client_id(self) -> str:
         """Stable per connection, so a reconnect resumes the broker session."""
         return self.client_id or f"sitelink-{self.connection_id}"
+
+    def stall_seconds(self, default: float) -> float | None:
+        """Seconds of silence after which a connected connection counts as stalled."""
+        if self.stall_after is None:
+            return None
+        return float(self.stall_after) if self.stall_after > 0 else default
+
+    @property
+    def ping_seconds(self) -> float:
+        """Seconds to wait for a PINGRESP: a dead path shows in about keepalive x 1.5."""
+        return float(self.ping_timeout) if self.ping_timeout else self.keepalive / 2
+
+    def changed_fields(self, other: ConnectionSettings) -> list[str]:
+        """Names (never values) of the broker settings that differ from ``other``."""
+        return [name for name in BROKER_FIELDS if getattr(self, name) != getattr(other, name)]
 
     @property
     def fingerprint(self) -> str:
@@ -72,6 +95,8 @@ class ConnectionSettings:
             found.append("a password is set without a username")
         if self.tls_ca_path and not self.use_tls:
             found.append("tls_ca_path is set but use_tls is false")
+        if self.mqtt_protocol not in ("3.1.1", "5"):
+            found.append(f"mqtt_protocol {self.mqtt_protocol!r} is not 3.1.1 or 5")
         if self.use_tls and self.tls_ca_path and not Path(self.tls_ca_path).is_file():
             found.append(f"CA file {self.tls_ca_path!r} does not exist")
         return found

@@ -27,16 +27,40 @@ INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
 -- name: monitor_connections
 SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
-       c.is_active, c.status, c.mqtt_next_retry,
-       (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due
+       c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
+       c.is_active, c.status, c.mqtt_next_retry, c.claimed_by,
+       (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
+       (c.claimed_by IS NULL OR c.claimed_by = %(me)s OR c.claim_expires_at < now()) AS is_claimable
 FROM mqtt_connection c
 ORDER BY c.id;
 
 -- name: connection_settings
 SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
-       c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name
+       c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
+       c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session
 FROM mqtt_connection c
 WHERE c.id = %(connection_id)s;
+
+-- Claims: a monitor runs a connection only while it holds the claim, a
+-- lease renewed each cycle; another monitor takes it over only once expired.
+-- The WHERE is re-checked on the locked row, so of two monitors racing for
+-- one connection exactly one wins.
+
+-- name: claim_connections
+UPDATE mqtt_connection
+SET claimed_by = %(me)s, claim_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE id = ANY(%(ids)s)
+  AND (claimed_by IS NULL OR claimed_by = %(me)s OR claim_expires_at < now())
+RETURNING id;
+
+-- name: renew_claims
+UPDATE mqtt_connection SET claim_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE claimed_by = %(me)s AND id = ANY(%(ids)s)
+RETURNING id;
+
+-- name: release_claims
+UPDATE mqtt_connection SET claimed_by = NULL, claim_expires_at = NULL
+WHERE claimed_by = %(me)s AND NOT (id = ANY(%(keep)s));
 
 -- name: mark_offline_gateways
 UPDATE gateway SET is_online = false
