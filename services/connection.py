@@ -107,7 +107,12 @@ class ConnectionChild:
         self.context = zmq.Context(io_threads=1)
         self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
                                   resend_after=settings.resend_after)
-        self.client = self._make_client()
+        self.setup_error: str | None = None
+        try:
+            self.client = self._make_client()
+        except (OSError, ValueError) as exc:  # e.g. a CA file that is not a certificate
+            self.setup_error = f"cannot set up the MQTT client: {describe_exception(exc)}"
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         self.slots = AttemptSlots(conn.attempt_slots, settings.connect_rate) if conn.attempt_slots else None
         self.slot_at: float | None = None  # the booked attempt slot (monotonic)
         self.stall_after = conn.stall_seconds(settings.stall_after)
@@ -280,6 +285,14 @@ class ConnectionChild:
     # -- the loop
 
     def run(self) -> int:
+        if self.setup_error is not None:
+            self.transition("error", self.setup_error)
+            self.events.flush(self.settings.ack_linger)
+            self.events.close()
+            self.context.term()
+            return exitcodes.CONFIG
+        if self.conn.reset_session and not self.conn.clean_session:
+            self._reset_session()
         signals = SignalPipe(signal.SIGTERM, signal.SIGINT)
         try:
             while not self.stopping:
@@ -294,6 +307,37 @@ class ConnectionChild:
             self.events.close()
             self.context.term()
         return self.exit_code
+
+    def _reset_session(self) -> None:
+        """Drop the broker's stored session (its old subscriptions) once, before
+        the persistent one starts: done when the topics changed, since MQTT
+        cannot list a session's subscriptions to remove the stale ones."""
+        c = self.conn
+        if c.mqtt_protocol == "5":
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 clean_session=True, protocol=mqtt.MQTTv311)
+        if c.username is not None:
+            client.username_pw_set(c.username, c.password)
+        if c.use_tls:
+            client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
+        client.connect_timeout = self.settings.connect_timeout
+        done: list[bool] = []
+        client.on_connect = lambda *args: done.append(True)
+        try:
+            if c.mqtt_protocol == "5":
+                client.connect(c.broker_host, c.broker_port, c.keepalive, clean_start=True)
+            else:
+                client.connect(c.broker_host, c.broker_port, c.keepalive)
+            deadline = time.monotonic() + self.settings.connect_timeout
+            while not done and time.monotonic() < deadline and client.socket() is not None:
+                client.loop(0.1)
+            client.disconnect()
+        except (OSError, ValueError) as exc:
+            logger.info("connection {}: could not reset the old session ({}); the first connect will",
+                        c.connection_id, describe_exception(exc))
 
     def _step(self, signals: SignalPipe) -> None:
         now = time.monotonic()

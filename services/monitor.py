@@ -18,6 +18,7 @@ each child asks the kernel to be signalled if the monitor dies anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -85,6 +86,7 @@ class Monitor:
         self.settled: set[int] = set()  # inactive connections already reported disconnected
         self.known: dict[int, ConnectionSettings] = {}  # last settings seen per connection
         self.fresh: set[int] = set()  # changed or re-activated: start regardless of retry state
+        self.reset_sessions: set[int] = set()  # topics changed: drop the broker's old session once
         self.renewed_at = time.monotonic()
         self.attempt_slots = attempts.create()
         self.listener: db.Listener | None = None
@@ -204,6 +206,7 @@ class Monitor:
                 del table[cid]
         self.settled &= seen
         self.fresh &= seen
+        self.reset_sessions &= seen
         self._claim_and_start(to_start)
         self._renew_claims()
         offline = self._mark_offline()
@@ -267,6 +270,8 @@ class Monitor:
             return
         fields = settings.changed_fields(before)
         self.fresh.add(cid)  # a changed row connects at once, whatever its retry state
+        if "topics" in fields or "client_id" in fields:
+            self.reset_sessions.add(cid)
         self.events.send(ConnectionLog(connection_id=cid, level="INFO",
                                        message=f"settings changed: {', '.join(fields)}",
                                        broker_host=settings.broker_host))
@@ -286,7 +291,11 @@ class Monitor:
             return
         for settings in to_start:
             if settings.connection_id in won:
-                self.fresh.discard(settings.connection_id)
+                cid = settings.connection_id
+                self.fresh.discard(cid)
+                if cid in self.reset_sessions:
+                    self.reset_sessions.discard(cid)
+                    settings = dataclasses.replace(settings, reset_session=True)
                 self._spawn(settings)
             else:
                 logger.info("connection {} is held by another monitor; not starting it", settings.connection_id)
@@ -417,10 +426,11 @@ class Monitor:
                                    fingerprint=child.settings.fingerprint)
             return
         if code == exitcodes.CONFIG:
+            # The child reported why; it stays stopped until the row changes.
             self.holds[cid] = Hold(until=float("inf"), fingerprint=child.settings.fingerprint)
-            self.events.send(StatusChange(connection_id=cid, status="error",
-                                          message="the connection's settings are unusable; "
-                                                  "fix the row to start it again"))
+            self.events.send(ConnectionLog(connection_id=cid, level="ERROR",
+                                           message="the connection's settings are unusable; "
+                                                   "it starts again once its row changes"))
             return
         wait = self._hold_after_crash(cid, child.started_at, child.settings.fingerprint)
         crashes = self.holds[cid].crashes

@@ -41,6 +41,7 @@ class ConnectionSettings:
     # orphaned, and the file through which its children share the connect rate.
     monitor_pid: int = 0
     attempt_slots: str | None = None
+    reset_session: bool = False  # the topics changed: drop the old persistent session once
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **extra: Any) -> ConnectionSettings:

@@ -87,7 +87,10 @@ class SQL:
     def add_site(self, name: str, *, host: str = "127.0.0.1", port: int, topics: list[str] | None = None,
                  active: bool = True, **columns) -> int:
         site_id = self.value("INSERT INTO site (name) VALUES (%s) RETURNING id", name)
-        cols = {"site_id": site_id, "broker_host": host, "broker_port": port,
+        # Sessions are persistent: a client id unique to this test keeps one
+        # test's session (and its subscriptions) away from the next test's.
+        client_id = f"{self.url.rsplit('/', 1)[1]}-{name}"
+        cols = {"site_id": site_id, "broker_host": host, "broker_port": port, "client_id": client_id,
                 "topics": topics or [f"sites/{name}/#"], "is_active": active, "keepalive": 10, **columns}
         names = ", ".join(cols)
         marks = ", ".join(["%s"] * len(cols))

@@ -138,20 +138,33 @@ class PostgresServer:
 
 
 class Mosquitto:
-    """A Mosquitto broker on a free loopback port."""
+    """A Mosquitto broker on a free loopback port.
 
-    def __init__(self, base: Path):
+    ``listener_conf``, if given, replaces the generated configuration: lines
+    for the listener on ``self.port`` (password file, TLS...).
+    """
+
+    def __init__(self, base: Path, listener_conf: list[str] | None = None):
         self.base = base
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = base / "mosquitto.log"
+        self.listener_conf = listener_conf
 
     def start(self, timeout: float = 15.0) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.listener_conf is not None:
+            conf = self.base / "custom.conf"
+            conf.write_text("\n".join([f"user {_user()}", "per_listener_settings false",
+                                        f"listener {self.port} 127.0.0.1", "persistence true",
+                                        f"persistence_location {self.base}/", "log_dest stderr",
+                                        *self.listener_conf]) + "\n")
+            env["SITELINK_MOSQUITTO_CONF"] = str(conf)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(ROOT / "supervisor_conf" / "bin" / "mosquitto"), str(self.port), str(self.base)],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def ready() -> bool:
             if self.proc.poll() is not None:
@@ -162,8 +175,23 @@ class Mosquitto:
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.thaw()
             stop_process(self.proc, signal.SIGTERM)
             self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers (a dead path)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+
+def _user() -> str:
+    import pwd
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 class FeedSubscriber:

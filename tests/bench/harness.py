@@ -1,0 +1,348 @@
+"""What the benchmarks share: settings, a durable PostgreSQL, processes, CPU and memory figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+from tests.support import ROOT, PostgresServer, stop_process, wait_for
+
+BENCH_DIR = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ settings
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+#: How long each publisher sends (s), and the other knobs of every benchmark.
+SECONDS = env_float("SITELINK_BENCH_SECONDS", 20.0)
+WARMUP = env_float("SITELINK_BENCH_WARMUP", 2.0)
+DRAIN = env_float("SITELINK_BENCH_DRAIN", 20.0)
+WINDOW = env_int("SITELINK_BENCH_WINDOW", 1000)
+PUBLISH_RATE = env_float("SITELINK_BENCH_PUBLISH_RATE", 0.0)  # msg/s per publisher, 0 = as fast as possible
+
+#: The services' own defaults for what matters to performance. The test
+#: suite's Stack shortens intervals and logs at DEBUG; a benchmark measures
+#: what runs in production.
+PRODUCTION = {
+    "SITELINK_LOG_LEVEL": "INFO",
+    "SITELINK_BATCH_WAIT": "0.05",
+    "SITELINK_BATCH_MAX": "2000",
+    "SITELINK_RESEND_AFTER": "5",
+    "SITELINK_ACK_LINGER": "3",
+    "SITELINK_STOP_GRACE": "5",
+    "SITELINK_CONNECT_TIMEOUT": "10",
+    "SITELINK_MONITOR_INTERVAL": "30",
+}
+
+
+# ------------------------------------------------------------ durable PostgreSQL
+
+class DurablePostgresServer(PostgresServer):
+    """The suite's PostgresServer, but durable: no SITELINK_PG_FAST (fsync and
+    synchronous_commit on, as in production)."""
+
+    def start(self, timeout: float = 120.0) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "SITELINK_PG_FAST"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ROOT / "supervisor_conf" / "bin" / "postgres"), str(self.datadir), str(self.port),
+                 str(self.socketdir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postgres exited: {self.log.read_text()[-3000:]}")
+            with psycopg.connect(self.url(), connect_timeout=2):
+                return True
+        wait_for(ready, timeout, "PostgreSQL to accept connections")
+
+    def settings(self) -> dict[str, str]:
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name IN "
+                                "('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers', "
+                                "'wal_level', 'server_version')").fetchall()
+        return dict(rows)
+
+
+def describe_pg(server: DurablePostgresServer) -> str:
+    s = server.settings()
+    buffers = int(s.get("shared_buffers", "0")) * 8 // 1024
+    return (f"PostgreSQL {s.get('server_version')} started by the bench without SITELINK_PG_FAST, "
+            f"i.e. durable: fsync={s.get('fsync')}, synchronous_commit={s.get('synchronous_commit')}, "
+            f"full_page_writes={s.get('full_page_writes')}, shared_buffers={buffers} MiB, "
+            f"on {_filesystem(server.datadir)}")
+
+
+def _filesystem(path: Path) -> str:
+    try:
+        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, timeout=5).stdout
+        fields = out.splitlines()[1].split()
+        return f"{fields[1]} ({fields[0]})"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "an unknown filesystem"
+
+
+# ------------------------------------------------------------------ /proc
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of ``pid`` (not of its children)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def start_time(pid: int) -> float | None:
+    """Wall-clock time ``pid`` started (resolution 1/CLK_TCK s)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    return btime + int(fields[19]) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live (non-zombie) descendant of ``pid``."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and fields[0] != "Z":
+                parent_of[int(entry)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent_of.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def memory(pid: int) -> dict[str, int] | None:
+    """Rss, Pss and USS (Private_Clean + Private_Dirty) of ``pid``, in KiB."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+            values[parts[0][:-1]] = int(parts[1])
+    return {"rss": values.get("Rss", 0), "pss": values.get("Pss", 0),
+            "uss": values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)}
+
+
+def broker_connection_holders(pids: Iterable[int], broker_port: int) -> list[int]:
+    """Those of ``pids`` holding an established TCP connection to 127.0.0.1:broker_port."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == broker_port:
+                inodes.add(f[9])
+    holders = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, PermissionError):
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                holders.append(pid)
+                break
+    return holders
+
+
+class CpuMeter:
+    """CPU seconds used per group of processes between ``start()`` and ``stop()``.
+
+    A group is a callable returning its PIDs at that moment (processes that
+    start in between count from zero; those that end in between are lost).
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]):
+        self.groups = groups
+        self._start: dict[str, dict[int, float]] = {}
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for name, pids in self.groups.items():
+            out[name] = {}
+            for pid in pids():
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    out[name][pid] = cpu
+        return out
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        self.seconds = time.monotonic() - self._t0
+        for name, pids in end.items():
+            before = self._start.get(name, {})
+            self.used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items())
+        return self.used
+
+    def describe(self) -> str:
+        if not self.seconds:
+            return ""
+        return ", ".join(f"{name} {100 * used / self.seconds:.0f}%" for name, used in self.used.items())
+
+
+# ------------------------------------------------------------ child processes
+
+class LineProcess:
+    """A subprocess whose stdout lines are collected by a thread (stderr to a file)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 stdin: bool = False):
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=self._log, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        """The next stdout line starting with ``prefix`` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"pid {self.pid}: no line starting {prefix!r} within {timeout:g} s; "
+                                     f"stderr: {self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    raise AssertionError(f"pid {self.pid} exited ({self.proc.returncode}) before {prefix!r}; "
+                                         f"stderr: {self.log_path.read_text(errors='replace')[-2000:]}")
+                continue
+            if line.startswith(prefix):
+                return line
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        code = stop_process(self.proc, sig, timeout)
+        self._thread.join(5)
+        self._log.close()
+        return code
+
+
+def publisher(port: int, topic: str, seconds: float, log: Path, *, gateway: str = "GW-01",
+              ts_base: float | None = None) -> LineProcess:
+    """A publisher process (tests/bench/publisher.py); it prints ``ready`` and waits for ``go``."""
+    args = [sys.executable, str(BENCH_DIR / "publisher.py"), "--port", str(port), "--topic", topic,
+            "--seconds", str(seconds), "--window", str(WINDOW), "--gateway", gateway]
+    if PUBLISH_RATE > 0:
+        args += ["--rate", str(PUBLISH_RATE)]
+    if ts_base is not None:
+        args += ["--ts-base", repr(ts_base)]
+    return LineProcess(args, log, stdin=True)
+
+
+@contextmanager
+def publishers(specs: list[tuple[int, str, str]], seconds: float, tmp: Path):
+    """Start one publisher per (port, topic, gateway), wait until each is connected."""
+    procs: list[LineProcess] = []
+    try:
+        for i, (port, topic, gateway) in enumerate(specs):
+            procs.append(publisher(port, topic, seconds, tmp / f"publisher-{i}.err", gateway=gateway))
+        for p in procs:
+            p.expect("ready", 30)
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def go(procs: list[LineProcess]) -> float:
+    """Tell every publisher to start now; return the wall-clock start."""
+    t0 = time.time()
+    for p in procs:
+        p.send("go\n")
+    return t0
+
+
+def summaries(procs: list[LineProcess], timeout: float) -> list[dict]:
+    return [json.loads(p.expect("{", timeout)) for p in procs]
+
+
+# ------------------------------------------------------------------ figures
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (0-100), nearest-rank on sorted values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:,.{digits}f}"
