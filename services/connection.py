@@ -52,11 +52,16 @@ REJECTIONS = {
     0x84: "the broker does not support this MQTT protocol version",
     0x85: "the broker rejected the client id",
     0x86: "the broker rejected the username or password",
-    0x87: "the broker says this client is not authorised to connect",
+    # Mosquitto answers a wrong password with this one too.
+    0x87: "the broker did not authorise this client: check its username and password",
     0x8A: "the broker has banned this client",
     0x8C: "the broker rejected the authentication method",
 }
 SESSION_TAKEN_OVER = 0x8E
+#: Connections lost this soon after being made, this many times in a row,
+#: point at another client using the same client id.
+QUICK_LOSS_WINDOW = 30.0
+QUICK_LOSSES_FOR_CLASH = 3
 
 
 def die_with_parent(monitor_pid: int) -> None:
@@ -123,6 +128,8 @@ class ConnectionChild:
         self.connack_deadline: float | None = None
         self.last_traffic = time.monotonic()  # last message received, or connection made
         self.drop_reason: str | None = None  # why we are closing a live connection ourselves
+        self.connected_at = 0.0
+        self.quick_losses = 0  # connections in a row the broker closed soon after they were made
         self.stopping = False
         self.exit_code = exitcodes.OK
 
@@ -239,22 +246,40 @@ class ConnectionChild:
                 reason, self.drop_reason = self.drop_reason, None
                 self.next_attempt_at = time.monotonic()  # we dropped it: reconnect at once
             else:
-                if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
-                    reason = (f"another client with the same client id "
-                              f"({self.conn.effective_client_id}) took over the session")
-                else:
-                    reason = f"connection lost ({reason_code})"
+                reason = self._loss_reason(reason_code)
                 self.next_attempt_at = time.monotonic() + backoff.delay(
                     1, self.settings.retry_base, self.settings.retry_cap)
             self.transition("disconnected", reason)
         elif self.status == "connecting" and self.connack_deadline is not None:
             self._failed(f"the broker closed the connection before accepting it ({reason_code})")
 
+    def _loss_reason(self, reason_code) -> str:
+        """Why a live connection ended, recognising a client-id clash.
+
+        An MQTT 5 broker may say so (reason 0x8E); others, Mosquitto 2.0
+        among them, just close the old connection when another client
+        connects with the same client id. Connections that the broker closes
+        again and again soon after they are made are the sign of that.
+        """
+        clash = (f"another client with the same client id ({self.conn.effective_client_id}) "
+                 f"took over the session")
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            return clash
+        if time.monotonic() - self.connected_at < QUICK_LOSS_WINDOW:
+            self.quick_losses += 1
+        else:
+            self.quick_losses = 1
+        reason = f"connection lost ({reason_code})"
+        if self.quick_losses >= QUICK_LOSSES_FOR_CLASH:
+            reason += (f"; the broker closed it {self.quick_losses} times in a row soon after it was made: "
+                       f"probably {clash}")
+        return reason
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if self.status == "connecting":
             self.connack_deadline = None
             self.failures = self.rejections = 0
-            self.last_traffic = time.monotonic()
+            self.last_traffic = self.connected_at = time.monotonic()
             self.transition("connected", f"Successfully connected to {self.where}")
         for topic, code in zip(self.conn.topics, reason_codes):
             if code.is_failure:

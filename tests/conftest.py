@@ -15,7 +15,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from shared import db
-from tests.support import (FeedSubscriber, Mosquitto, PostgresServer, free_port, python_service,
+from tests.support import (FeedSubscriber, Mosquitto, PostgresServer, Publisher, free_port, python_service,
                            remove_tree, stop_process, wait_for, world_traversable_tmpdir)
 
 TEMPLATE = "sitelink_template"
@@ -181,3 +181,10 @@ def stack(database_url: str, broker: Mosquitto, tmp_path: Path) -> Iterator[Stac
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def publisher(broker: Mosquitto) -> Iterator[Publisher]:
+    pub = Publisher(broker.port)
+    yield pub
+    pub.close()

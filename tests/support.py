@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import paho.mqtt.client as mqtt
 import psycopg
 import zmq
 
@@ -232,3 +233,43 @@ def python_service(name: str, env: dict[str, str], log: Path, *args: str) -> sub
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Publisher:
+    """A gateway of a site, publishing at QoS 1 and waiting for the broker's ack."""
+
+    def __init__(self, port: int):
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{id(self)}")
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes | str | dict) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def reading(gateway="GW-01", datalogger="DL-07", ts="2026-11-28T10:00:00Z", **sensors) -> dict:
+    """A payload in the documented JSON format."""
+    doc = {"gateway": gateway, "ts": ts}
+    if datalogger:
+        doc["datalogger"] = datalogger
+    if sensors:
+        doc["sensors"] = sensors
+    return doc
+
+
+def monitor_children(stack) -> list[int]:
+    """PIDs of the connection children of the stack's monitor."""
+    return [pid for pid in children_of(stack.pid("monitor")) if "services.connection" in cmdline(pid)]
+
+
+def joined_feed(stack):
+    """A feed subscriber that has seen a monitor cycle, so it missed nothing since."""
+    feed = stack.feed()
+    feed.wait_for(lambda t, b: b["type"] == "monitor_cycle", what="a monitor cycle on the feed")
+    return feed

@@ -8,57 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-import pytest
-
-from tests.support import (PostgresServer, alive, children_of, cmdline, free_port, wait_for,
-                           world_traversable_tmpdir, remove_tree)
+from tests.support import (PostgresServer, alive, cmdline, free_port, joined_feed, monitor_children, reading,
+                           remove_tree, wait_for, world_traversable_tmpdir)
 from shared import db
-
-
-class Publisher:
-    """A gateway of a site, publishing at QoS 1 and waiting for the broker's ack."""
-
-    def __init__(self, port: int):
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{id(self)}")
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes | str | dict) -> None:
-        if isinstance(payload, dict):
-            payload = json.dumps(payload)
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-@pytest.fixture
-def publisher(broker):
-    pub = Publisher(broker.port)
-    yield pub
-    pub.close()
-
-
-def reading(gateway="GW-01", datalogger="DL-07", ts="2026-11-28T10:00:00Z", **sensors) -> dict:
-    doc = {"gateway": gateway, "ts": ts}
-    if datalogger:
-        doc["datalogger"] = datalogger
-    if sensors:
-        doc["sensors"] = sensors
-    return doc
-
-
-def monitor_children(stack) -> list[int]:
-    return [pid for pid in children_of(stack.pid("monitor")) if "services.connection" in cmdline(pid)]
-
-
-def joined_feed(stack):
-    """A feed subscriber that has seen a monitor cycle, so it missed nothing since."""
-    feed = stack.feed()
-    feed.wait_for(lambda t, b: b["type"] == "monitor_cycle", what="a monitor cycle on the feed")
-    return feed
 
 
 # --- the seed's three ---------------------------------------------------------

@@ -1,0 +1,232 @@
+"""Ingest throughput: committed reading rows per second, sitelink against two references.
+
+Each run: publisher processes (tests/bench/publisher.py, QoS 1, as fast as
+they can with at most SITELINK_BENCH_WINDOW messages in flight) send the
+documented JSON format, one new reading per message, for
+SITELINK_BENCH_SECONDS to a pipeline subscribed on the same broker and
+writing to the same durable PostgreSQL:
+
+- sitelink: the real logger + monitor + child (tests/conftest.py Stack, with
+  the services' production defaults for batching, resends and log level);
+- bare: tests/bench/reference_bare.py (paho -> json -> one writer thread COPYing batches);
+- naive: tests/bench/reference_naive.py (paho -> one INSERT + COMMIT per message);
+- sitelink with 4 sites, 4 publishers at once.
+
+Rows are timed by their ``received_at`` (``now()`` of the transaction that
+wrote them), so nothing polls the database while the load runs. The rate
+is rows committed in the window [first publish + SITELINK_BENCH_WARMUP, last
+publish] divided by its length: the pipeline's sustained throughput (or the
+publishers' rate, if it keeps up). After publishing ends, the benchmark
+waits up to SITELINK_BENCH_DRAIN s for the rest. The last test writes the
+section of RESULTS.md: figures and ratios measured in this run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.bench import results
+from tests.bench.harness import (BENCH_DIR, DRAIN, PRODUCTION, PUBLISH_RATE, SECONDS, WARMUP, WINDOW,
+                                 CpuMeter, LineProcess, describe_pg, descendants, fmt, go, median,
+                                 publishers, summaries)
+from tests.conftest import Stack
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(max(300, int(4 * SECONDS + 2 * DRAIN + 120)))]
+
+#: Figures of this module's runs, by pipeline, for the report at the end.
+FIGURES: dict[str, dict] = {}
+NOTES: dict[str, str] = {}
+
+
+def _count(url: str, table: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def _drain(url: str, table: str, expected: int) -> tuple[int, bool]:
+    """Wait until ``expected`` rows, 3 s without a new row, or DRAIN s; return (count, still growing)."""
+    deadline = time.monotonic() + DRAIN
+    last, last_change = _count(url, table), time.monotonic()
+    while last < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now_count = _count(url, table)
+        if now_count != last:
+            last, last_change = now_count, time.monotonic()
+        elif time.monotonic() - last_change >= 3.0:
+            return last, False
+    return last, last < expected and time.monotonic() - last_change < 3.0
+
+
+def _timing(url: str, table: str, p0: float, p1: float) -> dict:
+    w0 = p0 + WARMUP
+    with psycopg.connect(url, autocommit=True) as conn:
+        total, in_window, first, last = conn.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE received_at >= to_timestamp(%s) "
+            f"AND received_at < to_timestamp(%s)), extract(epoch FROM min(received_at))::float8, "
+            f"extract(epoch FROM max(received_at))::float8 FROM {table}", (w0, p1)).fetchone()
+        per_second = [n for _, n in conn.execute(
+            f"SELECT floor(extract(epoch FROM received_at) - %s)::int AS s, count(*) FROM {table} "
+            f"WHERE received_at >= to_timestamp(%s) AND received_at < to_timestamp(%s) GROUP BY 1 ORDER BY 1",
+            (w0, w0, p1)).fetchall()]
+        duplicates = 0
+        if table != "reading":
+            duplicates = conn.execute(f"SELECT count(*) - count(DISTINCT (sensor, ts)) FROM {table}").fetchone()[0]
+    window = max(p1 - w0, 1e-9)
+    return {"rows": total, "in_window": in_window, "window": window, "rate": in_window / window,
+            "first_commit": first, "last_commit": last,
+            "overall": total / (last - first) if first is not None and last > first else None,
+            "per_second": per_second, "duplicates": duplicates}
+
+
+def _run(name: str, specs: list[tuple[int, str, str]], url: str, table: str,
+         groups: dict, tmp: Path) -> dict:
+    with publishers(specs, SECONDS, tmp) as pubs:
+        meter = CpuMeter({"publishers": lambda: [p.pid for p in pubs], **groups})
+        meter.start()
+        go(pubs)
+        time.sleep(SECONDS)
+        meter.stop()
+        sums = summaries(pubs, 60)
+    p0, p1 = min(s["start"] for s in sums), max(s["end"] for s in sums)
+    published = sum(s["published"] for s in sums)
+    acked = sum(s["acked"] for s in sums)
+    count, still_draining = _drain(url, table, published)
+    fig = _timing(url, table, p0, p1)
+    fig.update(published=published, acked=acked, offered=published / (p1 - p0), p0=p0, p1=p1,
+               still_draining=still_draining, cpu=meter.describe(),
+               drain=(fig["last_commit"] - p1) if fig["last_commit"] else None, sites=len(specs))
+    assert fig["rows"] <= published, f"{name}: more rows ({fig['rows']}) than messages published ({published})"
+    assert fig["duplicates"] == 0
+    assert fig["rows"] > 0, f"{name}: no row committed"
+    FIGURES[name] = fig
+    print(f"\n[ingest] {name}: {fig['rate']:,.0f} rows/s in the window (offered {fig['offered']:,.0f} msg/s), "
+          f"{fig['rows']:,}/{published:,} rows committed, drain {fmt(fig['drain'], 1)} s; CPU: {fig['cpu']}",
+          flush=True)
+    return fig
+
+
+def _stack_groups(stack: Stack, broker, pg) -> dict:
+    return {
+        "child(ren)": lambda: descendants(stack.pid("monitor")),
+        "logger": lambda: [stack.pid("logger")],
+        "monitor": lambda: [stack.pid("monitor")],
+        "mosquitto": lambda: [broker.proc.pid],
+        "postgres": lambda: [pg.proc.pid, *descendants(pg.proc.pid)],
+    }
+
+
+def _sitelink(name: str, sites: int, bench_db: str, broker, durable_pg, tmp_path: Path) -> None:
+    stack = Stack(bench_db, broker, tmp_path)
+    try:
+        ids = [stack.sql.add_site(f"ingest-{i}", port=broker.port) for i in range(1, sites + 1)]
+        stack.start("logger", "monitor", **PRODUCTION)
+        for cid in ids:
+            stack.sql.wait_status(cid, "connected", timeout=60)
+        specs = [(broker.port, f"sites/ingest-{i}/GW-{i:02d}/DL-07", f"GW-{i:02d}") for i in range(1, sites + 1)]
+        _run(name, specs, bench_db, "reading", _stack_groups(stack, broker, durable_pg), tmp_path)
+        assert all(stack.sql.status(cid) == "connected" for cid in ids)
+    finally:
+        stack.close()
+
+
+def _reference(name: str, script: str, scratch_db: str, broker, durable_pg, tmp_path: Path, table: str) -> None:
+    topic = f"bench/{name}/#"
+    ref = LineProcess([sys.executable, str(BENCH_DIR / script), "--port", str(broker.port), "--topic", topic,
+                       "--dsn", scratch_db], tmp_path / f"{name}.err")
+    try:
+        ref.expect("ready", 30)
+        groups = {"reference": lambda: [ref.pid], "mosquitto": lambda: [broker.proc.pid],
+                  "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]}
+        _run(name, [(broker.port, f"bench/{name}/GW-01/DL-07", "GW-01")], scratch_db, table, groups, tmp_path)
+    finally:
+        ref.stop()
+
+
+def test_sitelink_one_site(bench_db, broker, durable_pg, tmp_path):
+    NOTES["pg"] = describe_pg(durable_pg)
+    _sitelink("sitelink", 1, bench_db, broker, durable_pg, tmp_path)
+
+
+def test_bare_reference(scratch_db, broker, durable_pg, tmp_path):
+    _reference("bare", "reference_bare.py", scratch_db, broker, durable_pg, tmp_path, "bare_reading")
+
+
+def test_naive_reference(scratch_db, broker, durable_pg, tmp_path):
+    _reference("naive", "reference_naive.py", scratch_db, broker, durable_pg, tmp_path, "naive_reading")
+
+
+def test_sitelink_four_sites(bench_db, broker, durable_pg, tmp_path):
+    _sitelink("sitelink, 4 sites", 4, bench_db, broker, durable_pg, tmp_path)
+
+
+# ------------------------------------------------------------------ report
+
+def _ratio(a: str, b: str) -> float | None:
+    if a in FIGURES and b in FIGURES and FIGURES[b]["rate"] > 0:
+        return FIGURES[a]["rate"] / FIGURES[b]["rate"]
+    return None
+
+
+def test_report():
+    assert FIGURES, "no ingest run finished"
+    labels = {
+        "sitelink": "sitelink, 1 site (logger + monitor + child)",
+        "bare": "bare reference (paho -> json -> COPY batches)",
+        "naive": "naive reference (INSERT + COMMIT per message)",
+        "sitelink, 4 sites": "sitelink, 4 sites, 4 publishers",
+    }
+    rows = []
+    for key, label in labels.items():
+        f = FIGURES.get(key)
+        if f is None:
+            rows.append([label, "not run (failed)", "", "", "", "", ""])
+            continue
+        steady = f["per_second"][1:-1] or f["per_second"]
+        spread = (f"{min(steady):,}-{max(steady):,} (median {median(steady):,.0f})" if steady else "n/a")
+        drained = f"{f['rows']:,} / {f['published']:,}"
+        if f["still_draining"]:
+            drained += " (still draining at the cut-off)"
+        rows.append([label, f"**{fmt(f['rate'])}**", spread, fmt(f["offered"]), drained,
+                     fmt(f["drain"], 1), f["cpu"]])
+    table = results.table(
+        ["pipeline", "rows/s (window)", "rows per 1-s bucket", "offered msg/s", "rows / published",
+         "last commit after publishing ended (s)", "CPU over the window (% of one core)"], rows)
+    bare, naive = _ratio("sitelink", "bare"), _ratio("sitelink", "naive")
+    four = _ratio("sitelink, 4 sites", "sitelink")
+    ratios = results.table(["ratio (same run)", "measured", "target", ""], [
+        ["sitelink / bare", fmt(bare, 2), ">= 0.7", results.verdict(bare, 0.7)],
+        ["sitelink / naive", fmt(naive, 1), ">= 5", results.verdict(naive, 5)],
+        ["sitelink 4 sites / sitelink 1 site", fmt(four, 2), "(none)", ""],
+    ])
+    body = f"""`tests/bench/bench_ingest.py`: committed `reading` rows per second.
+
+Setup: {NOTES.get('pg', 'PostgreSQL (durable)')}; the suite's Mosquitto
+(`supervisor_conf/bin/mosquitto`, max_queued_messages 100000 per client,
+default max_inflight_messages 20), all on this machine. Each publisher is a
+separate process (paho-mqtt, QoS 1, publish() without waiting, at most
+{WINDOW} messages in flight, {'as fast as it can' if not PUBLISH_RATE else f'at most {PUBLISH_RATE:g} msg/s'}) sending
+the documented JSON format with a unique `ts` per message (one new row each)
+for {SECONDS:g} s. sitelink runs with the services' defaults (batch of
+2000, batch wait 50 ms, resend after 5 s, log level INFO). The rate counts
+rows by `received_at` (the writing transaction's `now()`) between
+{WARMUP:g} s after the first publish and the last publish. Publishers, broker,
+pipeline and PostgreSQL share the {os.cpu_count()} cores.
+
+{table}
+
+{ratios}
+
+Reading the figures: "rows / published" below 100% with nothing still
+draining means the broker dropped messages for the subscriber once its
+queue held max_queued_messages (QoS 1 messages beyond it are discarded), i.e.
+the pipeline fell behind the publisher; the rate is then the pipeline's own
+ceiling. The CPU column shows which process saturates a core.
+"""
+    results.update_section("Ingest throughput", body)
+    print("\n" + body, flush=True)
