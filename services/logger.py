@@ -31,6 +31,9 @@ from shared.signals import SignalPipe
 PAYLOAD_SAMPLE_CHARS = 5000
 EXIT_CONFIG = 78  # EX_CONFIG: bad settings or a database that needs migrating
 STREAM_IDLE_FORGET = 3600.0
+#: How long the committed floor of a sender process is kept in the database
+#: (long after any process could re-send).
+STREAM_ROWS_KEPT = 7 * 24 * 3600.0
 
 
 # --------------------------------------------------------------------- helpers
@@ -151,14 +154,18 @@ def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
         connection_id=ev.connection_id, at=at, message=ev.message,
         retry_attempt=ev.retry_attempt,
         next_retry_at=_at(ev.next_retry_at) if ev.next_retry_at is not None else None))
-    if row is None:
-        return  # the connection was deleted meanwhile; nothing to keep
     level = status_level(ev)
     message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
+    # The log keeps every event; the row and the feed only the newest state
+    # (no row: the connection was deleted, or a newer status is already in).
     connection_logs.append(dict(
         connection_id=ev.connection_id, at=at, level=level, message=message,
         exception_type=ev.exception_type, traceback=ev.traceback, broker_host=ev.broker_host,
         retry_attempt=ev.retry_attempt))
+    if row is None:
+        out.connection_lines.append((level, f"[connection {ev.connection_id}] {message} "
+                                            f"(an older status, not applied)"))
+        return
     out.connection_lines.append((level, f"[site {row['site_id']} connection {ev.connection_id}] {message}"))
     body = {"type": "mqtt_status", "site_id": row["site_id"], "connection_id": ev.connection_id,
             "status": ev.status, "is_active": row["is_active"], "timestamp": at.isoformat(),
@@ -262,6 +269,14 @@ class Stream:
     above: set[int] = field(default_factory=set)  # committed seqs > low
     pending: set[int] = field(default_factory=set)  # received, not yet committed
     last_seen: float = 0.0
+    loaded: bool = False  # its committed floor was read from the database
+
+    def low_with(self, committed: set[int]) -> int:
+        """What ``low`` becomes once ``committed`` is stored too."""
+        low = self.low
+        while low + 1 in self.above or low + 1 in committed:
+            low += 1
+        return low
 
     def advance(self) -> None:
         while self.low + 1 in self.above:
@@ -275,7 +290,7 @@ class LoggerService:
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
         self.router.bind(settings.events_endpoint)
         self.feed = self.context.socket(zmq.PUB)
         self.feed.setsockopt(zmq.LINGER, 1000)
@@ -399,20 +414,47 @@ class LoggerService:
     def _store(self, batch: list[Envelope]) -> Outcome:
         try:
             with self.db.transaction() as s:
-                return write_batch(s, batch)
+                out = write_batch(s, self._not_yet_stored(s, batch))
+                self._record_progress(s, batch)
+                return out
         except db.DataRejected as exc:
             logger.warning("a batch of {} events was rejected ({}); storing them one by one",
                            len(batch), exc)
         # Isolate the poison: each event in a savepoint of one transaction.
         out = Outcome()
         with self.db.transaction() as s:
-            for env in batch:
+            for env in self._not_yet_stored(s, batch):
                 try:
                     with s.savepoint():
                         out.extend(write_batch(s, [env]))
                 except db.DataRejected as exc:
                     self._record_rejected(s, env, exc, out)
+            self._record_progress(s, batch)
         return out
+
+    def _not_yet_stored(self, s: db.Session, batch: list[Envelope]) -> list[Envelope]:
+        """Drop events an earlier logger already committed (their ack was lost)."""
+        unknown = {env.stream for env in batch if not self.streams[env.stream].loaded}
+        if unknown:
+            rows = s.rows("stream_floors", {"senders": [k[0] for k in unknown],
+                                            "incarnations": [k[1] for k in unknown]})
+            for row in rows:
+                stream = self.streams[(row["sender"], row["incarnation"])]
+                stream.low = max(stream.low, row["committed_upto"])
+                stream.advance()
+            for key in unknown:
+                self.streams[key].loaded = True
+        return [env for env in batch if env.seq > self.streams[env.stream].low
+                and env.seq not in self.streams[env.stream].above]
+
+    def _record_progress(self, s: db.Session, batch: list[Envelope]) -> None:
+        """Store, with the events, up to where each sender is now committed."""
+        seqs: dict[tuple[str, str], set[int]] = {}
+        for env in batch:
+            seqs.setdefault(env.stream, set()).add(env.seq)
+        upto = {key: self.streams[key].low_with(new) for key, new in seqs.items()}
+        s.run("stream_commit", {"senders": [k[0] for k in upto], "incarnations": [k[1] for k in upto],
+                                "upto": list(upto.values())})
 
     def _record_rejected(self, s: db.Session, env: Envelope, exc: Exception, out: Outcome) -> None:
         ev = env.event
@@ -469,6 +511,11 @@ class LoggerService:
         for key in [k for k, st in self.streams.items()
                     if not st.pending and now - st.last_seen > STREAM_IDLE_FORGET]:
             del self.streams[key]
+        try:
+            with self.db.transaction() as s:
+                s.run("stream_forget", {"after": STREAM_ROWS_KEPT})
+        except db.DatabaseError as exc:
+            logger.debug("could not prune sitelink_stream: {}", exc)
 
     def _shutdown(self) -> None:
         if self.pending and time.monotonic() >= self.db_retry_at:

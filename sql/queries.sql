@@ -86,29 +86,29 @@ RETURNING s.id, g.site_id, s.name;
 -- status feed needs, read in the same transaction.
 
 -- name: status_connecting
-UPDATE mqtt_connection SET status = 'connecting'
-WHERE id = %(connection_id)s
+UPDATE mqtt_connection SET status = 'connecting', status_changed_at = %(at)s
+WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
 RETURNING id, site_id, is_active, status;
 
 -- name: status_connected
 UPDATE mqtt_connection
-SET status = 'connected', last_connected_at = %(at)s, error_message = '',
+SET status = 'connected', status_changed_at = %(at)s, last_connected_at = %(at)s, error_message = '',
     mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
-WHERE id = %(connection_id)s
+WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
 RETURNING id, site_id, is_active, status;
 
 -- name: status_error
 UPDATE mqtt_connection
-SET status = 'error', error_message = %(message)s,
+SET status = 'error', status_changed_at = %(at)s, error_message = %(message)s,
     connection_errors = connection_errors + 1,
     mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
     mqtt_next_retry = %(next_retry_at)s
-WHERE id = %(connection_id)s
+WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
 RETURNING id, site_id, is_active, status;
 
 -- name: status_disconnected
-UPDATE mqtt_connection SET status = 'disconnected', error_message = %(message)s
-WHERE id = %(connection_id)s
+UPDATE mqtt_connection SET status = 'disconnected', status_changed_at = %(at)s, error_message = %(message)s
+WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
 RETURNING id, site_id, is_active, status;
 
 -- name: connection_log_insert
@@ -194,6 +194,20 @@ INSERT INTO reading (sensor_id, ts, "values")
 SELECT sensor_id, ts, v::jsonb
 FROM unnest(%(sensor_ids)s::bigint[], %(ts)s::timestamptz[], %(values)s::text[]) AS u(sensor_id, ts, v)
 ON CONFLICT (sensor_id, ts) DO NOTHING;
+
+-- name: stream_floors
+SELECT sender, incarnation, committed_upto
+FROM sitelink_stream
+WHERE (sender, incarnation) IN (SELECT * FROM unnest(%(senders)s::text[], %(incarnations)s::text[]));
+
+-- name: stream_commit
+INSERT INTO sitelink_stream AS s (sender, incarnation, committed_upto)
+SELECT * FROM unnest(%(senders)s::text[], %(incarnations)s::text[], %(upto)s::bigint[])
+ON CONFLICT (sender, incarnation) DO UPDATE
+    SET committed_upto = greatest(s.committed_upto, EXCLUDED.committed_upto), updated_at = now();
+
+-- name: stream_forget
+DELETE FROM sitelink_stream WHERE updated_at < now() - make_interval(secs => %(after)s);
 
 -- -------------------------------------------------------------------- admin
 

@@ -1,0 +1,176 @@
+"""Child cost: how long K children take to start and connect, and what each costs in memory.
+
+K (SITELINK_BENCH_CHILDREN, default 200) active connections point at the
+suite's Mosquitto. With the logger running, the monitor (interval 1 s) is
+started and the benchmark polls PostgreSQL until all K are ``connected``
+(the status the logger commits once each child's broker acknowledged its
+subscription). The children are then found as the monitor's descendants
+that hold a TCP connection to the broker, whatever way the monitor starts
+them (today a fresh ``python -m services.connection`` per child; later
+perhaps a fork of a preloaded zygote), and their private memory (USS =
+Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) is read.
+
+As baselines, fresh interpreters are measured the same way: a bare
+``python``, ``python -c 'import paho.mqtt.client, zmq, msgpack'`` and
+``python -c 'import services.connection'`` (every module a child loads,
+without connecting).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bench import results
+from tests.bench.harness import (PRODUCTION, LineProcess, broker_connection_holders, descendants, env_float,
+                                 env_int, fmt, median, memory, start_time)
+from tests.conftest import SQL, Stack
+from tests.support import cmdline, wait_for
+
+K = env_int("SITELINK_BENCH_CHILDREN", 200)
+TIMEOUT = env_float("SITELINK_BENCH_CHILDREN_TIMEOUT", 150.0)
+MIB = 1024.0
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(int(TIMEOUT) + 240)]
+
+BASELINES = {
+    "bare interpreter (`python -c pass`-like)": "import sys",
+    "`import paho.mqtt.client, zmq, msgpack`": "import paho.mqtt.client, zmq, msgpack",
+    "`import services.connection` (all a child imports, not connected)": "import services.connection",
+}
+
+
+def _baseline(code: str, tmp: Path, n: int = 3) -> list[dict]:
+    procs = [LineProcess([sys.executable, "-c", f"{code}; import sys; print('ready', flush=True); sys.stdin.read()"],
+                         tmp / f"baseline-{i}.err", stdin=True) for i in range(n)]
+    try:
+        for p in procs:
+            p.expect("ready", 30)
+        return [m for p in procs if (m := memory(p.pid)) is not None]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _mem_row(label: str, mems: list[dict]) -> list[str]:
+    uss = [m["uss"] / MIB for m in mems]
+    pss = [m["pss"] / MIB for m in mems]
+    rss = [m["rss"] / MIB for m in mems]
+    return [label, str(len(mems)), f"**{fmt(median(uss), 1)}**", fmt(max(uss) if uss else None, 1),
+            fmt(median(pss), 1), fmt(median(rss), 1)]
+
+
+def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
+    sql_setup = SQL(bench_db)
+    sql_setup.rows("INSERT INTO site (name) SELECT 'kid-' || g FROM generate_series(1, %s) g", K)
+    sql_setup.rows("INSERT INTO mqtt_connection (site_id, broker_host, broker_port, topics, keepalive) "
+                   "SELECT id, '127.0.0.1', %s, ARRAY['sites/' || name || '/#'], 60 FROM site", broker.port)
+    sql_setup.close()
+
+    stack = Stack(bench_db, broker, tmp_path)
+    figures: dict = {}
+    try:
+        stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1"})
+        wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
+
+        t0 = time.time()
+        stack.start("monitor")
+        marks: dict[int, float] = {}
+        connected = 0
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            connected = stack.sql.value("SELECT count(*) FROM mqtt_connection WHERE status = 'connected'")
+            now = time.time()
+            for share in (1, K // 2, K):
+                if connected >= share and share not in marks:
+                    marks[share] = now - t0
+            if connected >= K:
+                break
+            time.sleep(0.05)
+        figures["connected"] = connected
+        figures["marks"] = marks
+        row = stack.sql.one("SELECT extract(epoch FROM min(last_connected_at))::float8 AS first, "
+                            "extract(epoch FROM max(last_connected_at))::float8 AS last "
+                            "FROM mqtt_connection WHERE status = 'connected'")
+        figures["child_clock_last"] = row["last"] - t0 if row and row["last"] else None
+
+        monitor_pid = stack.pid("monitor")
+        family = descendants(monitor_pid)
+        children = broker_connection_holders(family, broker.port)
+        others = [p for p in family if p not in children]
+        # Both from /proc (clock ticks since boot): comparable to 10 ms, unlike
+        # a wall clock rebuilt from the whole-second btime.
+        monitor_start = start_time(monitor_pid)
+        starts = [s for p in children if (s := start_time(p)) is not None]
+        figures["spawn_first"] = min(starts) - monitor_start if starts and monitor_start else None
+        figures["spawn_last"] = max(starts) - monitor_start if starts and monitor_start else None
+        figures["children"] = [m for p in children if (m := memory(p)) is not None]
+        figures["others"] = [(p, cmdline(p)[:80], memory(p)) for p in others]
+        sample = children[0] if children else None
+        figures["how"] = cmdline(sample).strip() if sample else "?"
+        figures["parent"] = (cmdline(int(open(f"/proc/{sample}/stat").read().rsplit(")", 1)[1].split()[1]))
+                             .strip()[:100] if sample else "?")
+        monitor_mem = memory(monitor_pid)
+        figures["monitor_uss"] = monitor_mem["uss"] / MIB if monitor_mem else None
+
+        t_stop = time.monotonic()
+        stack.stop("monitor")
+        figures["stop_all"] = time.monotonic() - t_stop
+    finally:
+        stack.close()
+
+    baselines = {label: _baseline(code, tmp_path) for label, code in BASELINES.items()}
+
+    kids = figures["children"]
+    uss = [m["uss"] / MIB for m in kids]
+    marks = figures["marks"]
+    all_in = marks.get(K)
+    print(f"\n[children] {figures['connected']}/{K} connected; all after {fmt(all_in, 2)} s; "
+          f"USS per child median {fmt(median(uss), 1)} MiB, max {fmt(max(uss) if uss else None, 1)} MiB", flush=True)
+
+    how = figures["how"]
+    mode = ("a fresh interpreter per child (`python -m services.connection --settings-stdin`, "
+            "settings on stdin)" if "services.connection" in how else f"processes with command line `{how}`")
+    mem_rows = [_mem_row(f"{len(kids)} children as the monitor starts them", kids)]
+    mem_rows += [_mem_row(f"fresh interpreter: {label}", mems) for label, mems in baselines.items()]
+    extra = ""
+    if figures["others"]:
+        extra = "\n\nOther descendants of the monitor (no broker connection): " + "; ".join(
+            f"pid {p} `{c}` USS {fmt(m['uss'] / MIB if m else None, 1)} MiB" for p, c, m in figures["others"])
+    total_pss = sum(m["pss"] for m in kids) / MIB
+    timing = results.table(["measure", "seconds", "target"], [
+        ["monitor started -> first child spawned", fmt(figures["spawn_first"], 2), ""],
+        ["monitor started -> last child spawned", fmt(figures["spawn_last"], 2), ""],
+        ["monitor started -> first `connected` committed", fmt(marks.get(1), 2), ""],
+        [f"monitor started -> {K // 2} `connected` committed", fmt(marks.get(K // 2), 2), ""],
+        [f"monitor started -> all {K} `connected` committed", f"**{fmt(all_in, 2)}**",
+         f"<= 2 s: {results.verdict(all_in, 2.0, higher_is_better=False)}"],
+        ["monitor started -> last child's own `connected` timestamp", fmt(figures["child_clock_last"], 2), ""],
+        [f"SIGTERM to the monitor -> monitor and all {K} children exited", fmt(figures["stop_all"], 2), ""],
+    ])
+    memory_table = results.table(["processes", "n", "USS median (MiB)", "USS max (MiB)", "PSS median (MiB)",
+                                  "RSS median (MiB)"], mem_rows)
+    body = f"""`tests/bench/bench_children.py`: {K} active connections to the local Mosquitto; the logger
+runs; the monitor (interval 1 s) is started and PostgreSQL polled every 50 ms
+until all {K} are `connected`. Children found: {len(kids)} (descendants of the
+monitor holding a broker connection), started as {mode}; their parent is
+`{figures['parent']}`.{'' if figures['connected'] >= K else f' **Only {figures["connected"]} of {K} were connected after the {TIMEOUT:g} s time-out.**'}
+
+{timing}
+
+Memory once all are connected (USS = Private_Clean + Private_Dirty from
+/proc/PID/smaps_rollup; baselines: 3 fresh interpreters each, idle):
+
+{memory_table}
+
+Target: USS <= 6 MiB per child: median {fmt(median(uss), 1)} MiB,
+max {fmt(max(uss) if uss else None, 1)} MiB, {results.verdict(max(uss) if uss else None, 6.0, higher_is_better=False)}.
+All {len(kids)} children together: {fmt(total_pss, 0)} MiB PSS. The monitor itself: USS
+{fmt(figures['monitor_uss'], 1)} MiB.{extra}
+"""
+    results.update_section("Child cost", body)
+    print("\n" + body, flush=True)
+    assert figures["connected"] > 0

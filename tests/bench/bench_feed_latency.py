@@ -1,0 +1,177 @@
+"""Status feed latency: from a child's status event to a subscriber's receipt, idle and under ingest load.
+
+Two sites on the suite's Mosquitto, sitelink with the services' defaults
+(monitor interval 30 s: activations are picked up by NOTIFY, not by the
+poll). A subscriber thread in this process records every ``mqtt_status``
+message with the wall-clock time of its receipt. The second site's
+``is_active`` is flipped off and on:
+
+- first SITELINK_BENCH_FLIPS_IDLE times (default 10) with no other traffic,
+- then SITELINK_BENCH_FLIPS times (default 30) while a publisher (the ingest
+  benchmark's, as fast as it can) loads the first site.
+
+Per ``connected``/``disconnected`` message of the flipped connection:
+receipt time minus the body's ``timestamp`` (the child's event time, set
+when it sends the event). Per flip on: ``UPDATE ... SET is_active = true``
+(time before the statement) to ``connected`` received on the feed. Each
+"off" waits for the flipped child's process to be gone before the "on", so
+an activation always starts a new child.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+
+import pytest
+import zmq
+
+from tests.bench import results
+from tests.bench.harness import (PRODUCTION, SECONDS, WARMUP, broker_connection_holders, descendants,
+                                 env_int, fmt, go, median, percentile, publishers)
+from tests.conftest import Stack
+from tests.support import alive, wait_for
+
+FLIPS = env_int("SITELINK_BENCH_FLIPS", 30)
+FLIPS_IDLE = env_int("SITELINK_BENCH_FLIPS_IDLE", 10)
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(120 + 8 * (FLIPS + FLIPS_IDLE))]
+
+
+class FeedRecorder(threading.Thread):
+    """Receives the status feed and timestamps each message on arrival."""
+
+    def __init__(self, endpoint: str, topic: str = "mqtt_status"):
+        super().__init__(daemon=True)
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+        self.socket.connect(endpoint)
+        self.received: list[tuple[float, str, dict]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if self.socket.poll(100):
+                while True:
+                    try:
+                        topic, body = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    at = time.time()
+                    with self.lock:
+                        self.received.append((at, topic.decode(), json.loads(body)))
+
+    def find(self, cid: int, status: str, after: float) -> float | None:
+        with self.lock:
+            for at, _, body in self.received:
+                if at >= after and body.get("connection_id") == cid and body.get("status") == status:
+                    return at
+        return None
+
+    def latencies(self, cid: int, since: float, until: float) -> list[float]:
+        with self.lock:
+            return [at - datetime.fromisoformat(body["timestamp"]).timestamp()
+                    for at, _, body in self.received
+                    if since <= at <= until and body.get("connection_id") == cid
+                    and body.get("status") in ("connected", "disconnected")]
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def _flip_child(stack: Stack, broker, load_pid: int | None) -> int:
+    def found():
+        holders = [p for p in broker_connection_holders(descendants(stack.pid("monitor")), broker.port)
+                   if p != load_pid]
+        return holders[0] if len(holders) == 1 else None
+    return wait_for(found, 30, "the flipped connection's child")
+
+
+def _flips(n: int, stack: Stack, broker, feed: FeedRecorder, cid: int, load_pid: int | None) -> dict:
+    activations: list[float] = []
+    since = time.time()
+    for _ in range(n):
+        child = _flip_child(stack, broker, load_pid)
+        t_off = time.time()
+        stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
+        wait_for(lambda: feed.find(cid, "disconnected", t_off), 60, "disconnected on the feed")
+        wait_for(lambda: not alive(child), 30, "the stopped child to exit")
+        t_on = time.time()
+        stack.sql.rows("UPDATE mqtt_connection SET is_active = true WHERE id = %s", cid)
+        at = wait_for(lambda: feed.find(cid, "connected", t_on), 90, "connected on the feed")
+        activations.append(at - t_on)
+    until = time.time()
+    time.sleep(0.2)  # nothing is expected after the last connected; let stragglers land in the record
+    return {"events": feed.latencies(cid, since, until), "activations": activations, "seconds": until - since}
+
+
+def test_status_feed_latency(bench_db, broker, tmp_path):
+    stack = Stack(bench_db, broker, tmp_path)
+    feed = FeedRecorder(stack.env["SITELINK_STATUS_FEED"])
+    feed.start()
+    figures: dict[str, dict] = {}
+    try:
+        load_cid = stack.sql.add_site("load", port=broker.port)
+        stack.start("logger", "monitor", **PRODUCTION)
+        stack.sql.wait_status(load_cid, "connected", timeout=60)
+        load_pid = _flip_child(stack, broker, None)
+        flip_cid = stack.sql.add_site("flip", port=broker.port)
+        stack.sql.wait_status(flip_cid, "connected", timeout=60)
+
+        figures["idle"] = _flips(FLIPS_IDLE, stack, broker, feed, flip_cid, load_pid)
+        print(f"\n[feed] idle: p50 {fmt(median(figures['idle']['events']) * 1000)} ms", flush=True)
+
+        spec = [(broker.port, "sites/load/GW-01/DL-07", "GW-01")]
+        with publishers(spec, 3600, tmp_path) as pubs:
+            go(pubs)
+            time.sleep(WARMUP)
+            rows_before = stack.sql.value("SELECT count(*) FROM reading")
+            figures["load"] = _flips(FLIPS, stack, broker, feed, flip_cid, load_pid)
+            rows_after = stack.sql.value("SELECT count(*) FROM reading")
+        figures["load"]["rows_per_s"] = (rows_after - rows_before) / figures["load"]["seconds"]
+        figures["load_log"] = stack.sql.rows(
+            "SELECT timestamp, level, message FROM mqtt_connection_log WHERE connection_id = %s "
+            "AND level <> 'INFO' ORDER BY id", load_cid)
+        print(figures["load_log"], stack.sql.one("SELECT * FROM mqtt_connection WHERE id = %s", load_cid))
+        assert stack.sql.status(load_cid) == "connected"
+    finally:
+        feed.close()
+        stack.close()
+
+    def row(label: str, f: dict, flips: int) -> list[str]:
+        ev, act = [x * 1000 for x in f["events"]], [x * 1000 for x in f["activations"]]
+        p99 = percentile(ev, 99)
+        return [label, str(flips), str(len(ev)), fmt(median(ev)), f"**{fmt(p99)}**", fmt(max(ev) if ev else None),
+                results.verdict(p99, 50, higher_is_better=False), fmt(median(act)), fmt(percentile(act, 99)),
+                fmt(max(act) if act else None)]
+
+    table = results.table(
+        ["conditions", "flips", "status messages", "event -> receipt p50 (ms)", "p99 (ms)", "max (ms)",
+         "target p99 <= 50 ms", "UPDATE -> `connected` received, median (ms)", "p99 (ms)", "max (ms)"],
+        [row("idle", figures["idle"], FLIPS_IDLE),
+         row(f"under ingest load ({fmt(figures['load']['rows_per_s'])} rows/s committed meanwhile)",
+             figures["load"], FLIPS)])
+    body = f"""`tests/bench/bench_feed_latency.py`: a subscriber thread receives the status feed and
+notes the arrival time of each message. The second of two sites is
+flipped `is_active` off and on; for each `connected`/`disconnected` message of
+that connection, latency = receipt time - the body's `timestamp` (the child's
+own event time). Each "off" waits for the old child to exit, so each "on"
+starts a new child; monitor interval 30 s (the default), so activations come
+from NOTIFY. Under load, the first site receives the ingest benchmark's
+publisher (as fast as it can, {SECONDS:g} s figures in "Ingest throughput").
+
+{table}
+
+The event -> receipt time covers: child -> logger (ZeroMQ), the logger's batch
+wait (SITELINK_BATCH_WAIT, 50 ms by default) and commit, then the PUB/SUB hop.
+"""
+    results.update_section("Status feed latency", body)
+    print("\n" + body, flush=True)
+    assert figures["idle"]["events"] and figures["load"]["events"]
