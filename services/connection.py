@@ -19,6 +19,7 @@ cool-down (``mqtt_next_retry``) has passed.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import logging
 import os
@@ -129,6 +130,8 @@ class ConnectionChild:
         self.last_traffic = time.monotonic()  # last message received, or connection made
         self.drop_reason: str | None = None  # why we are closing a live connection ourselves
         self.connected_at = 0.0
+        #: (last event seq, mid, qos) of received messages not yet acknowledged to the broker
+        self.broker_acks: collections.deque[tuple[int, int, int]] = collections.deque()
         self.quick_losses = 0  # connections in a row the broker closed soon after they were made
         self.stopping = False
         self.exit_code = exitcodes.OK
@@ -137,11 +140,11 @@ class ConnectionChild:
         c = self.conn
         if c.mqtt_protocol == "5":
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=True)
         else:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
                                  clean_session=c.clean_session, protocol=mqtt.MQTTv311,
-                                 reconnect_on_failure=False)
+                                 reconnect_on_failure=False, manual_ack=True)
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.use_tls:
@@ -238,6 +241,9 @@ class ConnectionChild:
         client.subscribe([(topic, self.conn.qos) for topic in self.conn.topics])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        # Message ids belong to the connection that ended: the broker sends
+        # those messages again on the next one (persistent session).
+        self.broker_acks.clear()
         if self.status == "connected":
             if self.stopping:
                 self.transition("disconnected", "")
@@ -290,6 +296,14 @@ class ConnectionChild:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.last_traffic = time.monotonic()
+        self._report(message)
+        if message.qos > 0:
+            # Acknowledged to the broker only once the logger has committed
+            # what it produced: until then the broker keeps it for us.
+            self.broker_acks.append((self.events.last_seq, message.mid, message.qos))
+            self._ack_committed()
+
+    def _report(self, message: mqtt.MQTTMessage) -> None:
         payload = message.payload
         try:
             records = self.parser(payload, message.topic)
@@ -306,6 +320,18 @@ class ConnectionChild:
             self.events.send(Data(connection_id=self.conn.connection_id, topic=message.topic,
                                   gateway=record.gateway, datalogger=record.datalogger,
                                   ts=record.ts, sensors=record.sensors))
+
+    def _ack_committed(self) -> None:
+        """PUBACK (or PUBCOMP) every message whose events the logger committed."""
+        committed = self.events.acked
+        while self.broker_acks and self.broker_acks[0][0] <= committed:
+            _, mid, qos = self.broker_acks.popleft()
+            self.client.ack(mid, qos)
+
+    @property
+    def paused(self) -> bool:
+        """At the limit of events the logger has not committed: read nothing more."""
+        return self.events.unacked >= self.settings.max_unacked
 
     # -- the loop
 
@@ -378,24 +404,37 @@ class ConnectionChild:
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.events.socket, zmq.POLLIN)
         sock = self.client.socket()
+        paused = self.paused
         if sock is not None:
-            poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self.client.want_write() else 0))
+            wanted = (0 if paused else zmq.POLLIN) | (zmq.POLLOUT if self.client.want_write() else 0)
+            if wanted:
+                poller.register(sock, wanted)
         ready = dict(poller.poll(timeout * 1000))
         if sock is not None:
-            flags = ready.get(sock.fileno(), 0) | ready.get(sock, 0)
+            flags = ready.get(sock, 0) | ready.get(sock.fileno(), 0)
             if flags & zmq.POLLIN:
                 self.client.loop_read()
+                while self.client.socket() is not None and getattr(self.client.socket(), "pending", None) \
+                        and self.client.socket().pending() and not self.paused:
+                    self.client.loop_read()  # TLS may hold decrypted bytes select() cannot see
             if self.client.socket() is not None and self.client.want_write():
                 self.client.loop_write()
-            if self.client.socket() is not None:
+            if self.client.socket() is not None and not paused:
+                # While paused nothing is read, so no PINGRESP either: no pings then.
                 self.client.loop_misc()
         if ready.get(self.events.socket):
             self.events.receive_acks()
+            self._ack_committed()
+            if self.client.socket() is not None and self.client.want_write():
+                self.client.loop_write()
+        if paused:
+            self.last_traffic = time.monotonic()  # our own silence is no stall
         if (self.status == "connecting" and self.connack_deadline is not None
                 and time.monotonic() > self.connack_deadline):
+            self.connack_deadline = None  # counted here, not again by the disconnect callback
             self.client.disconnect()
             self._failed(f"no answer (CONNACK/SUBACK) from the broker within {self.settings.connect_timeout:g} s")
-        if self.status == "connected":
+        if self.status == "connected" and not paused:
             self._check_liveness()
 
     def _check_liveness(self) -> None:

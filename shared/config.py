@@ -135,6 +135,9 @@ class Settings:
                                    "Seconds without an ack after which events are sent again.")
     ack_linger: float = _setting("ACK_LINGER", 3.0, _non_negative_float,
                                  "Seconds a stopping process waits for its last acks.")
+    max_unacked: int = _setting("MAX_UNACKED", 1000, _positive_int,
+                                "Events a child holds that the logger has not committed; at the limit "
+                                "it stops reading from its broker.")
     batch_max: int = _setting("BATCH_MAX", 2000, _positive_int,
                               "Most events the logger writes in one transaction.")
     batch_wait: float = _setting("BATCH_WAIT", 0.05, _non_negative_float,

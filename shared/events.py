@@ -43,6 +43,16 @@ class EventSender:
     def unacked(self) -> int:
         return len(self._unacked)
 
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last event sent (0 before the first)."""
+        return self._seq
+
+    @property
+    def acked(self) -> int:
+        """Every event up to this sequence number is committed by the logger."""
+        return self._floor
+
     def send(self, event: Event) -> int:
         self._seq += 1
         frame = protocol.encode(Envelope(sender=self.sender, incarnation=self.incarnation,

@@ -138,7 +138,7 @@ class Stack:
             "SITELINK_RESEND_AFTER": "1",
             "SITELINK_ACK_LINGER": "2",
             "SITELINK_BATCH_WAIT": "0.02",
-            "SITELINK_CONNECT_TIMEOUT": "3",
+            "SITELINK_CONNECT_TIMEOUT": "10",
         }
         self.procs: dict[str, subprocess.Popen] = {}
         self.feeds: list[FeedSubscriber] = []

@@ -26,7 +26,7 @@ import pytest
 
 from tests.bench import results
 from tests.bench.harness import (PRODUCTION, LineProcess, broker_connection_holders, descendants, env_float,
-                                 env_int, fmt, median, memory, start_time)
+                                 env_int, fmt, median, memory, start_time, wait_until_quiet)
 from tests.conftest import SQL, Stack
 from tests.support import cmdline, wait_for
 
@@ -76,6 +76,7 @@ def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
         stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1"})
         wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
 
+        figures["busy_before"] = wait_until_quiet()
         t0 = time.time()
         stack.start("monitor")
         marks: dict[int, float] = {}
@@ -169,7 +170,8 @@ Memory once all are connected (USS = Private_Clean + Private_Dirty from
 Target: USS <= 6 MiB per child: median {fmt(median(uss), 1)} MiB,
 max {fmt(max(uss) if uss else None, 1)} MiB, {results.verdict(max(uss) if uss else None, 6.0, higher_is_better=False)}.
 All {len(kids)} children together: {fmt(total_pss, 0)} MiB PSS. The monitor itself: USS
-{fmt(figures['monitor_uss'], 1)} MiB.{extra}
+{fmt(figures['monitor_uss'], 1)} MiB. Machine load just before the monitor started:
+{figures['busy_before']:.2f} cores busy.{extra}
 """
     results.update_section("Child cost", body)
     print("\n" + body, flush=True)

@@ -41,6 +41,7 @@ WARMUP = env_float("SITELINK_BENCH_WARMUP", 2.0)
 DRAIN = env_float("SITELINK_BENCH_DRAIN", 20.0)
 WINDOW = env_int("SITELINK_BENCH_WINDOW", 1000)
 PUBLISH_RATE = env_float("SITELINK_BENCH_PUBLISH_RATE", 0.0)  # msg/s per publisher, 0 = as fast as possible
+QUIET_WAIT = env_float("SITELINK_BENCH_QUIET_WAIT", 120.0)  # s to wait for other load to end before a run
 
 #: The services' own defaults for what matters to performance. The test
 #: suite's Stack shortens intervals and logs at DEBUG; a benchmark measures
@@ -163,6 +164,17 @@ def memory(pid: int) -> dict[str, int] | None:
             "uss": values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)}
 
 
+def peak_rss(pid: int) -> int | None:
+    """Peak resident set (VmHWM) of ``pid`` in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
 def broker_connection_holders(pids: Iterable[int], broker_port: int) -> list[int]:
     """Those of ``pids`` holding an established TCP connection to 127.0.0.1:broker_port."""
     inodes: set[str] = set()
@@ -192,6 +204,35 @@ def broker_connection_holders(pids: Iterable[int], broker_port: int) -> list[int
     return holders
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def busy_cores(interval: float = 1.0) -> float:
+    """How many cores the machine kept busy over the next ``interval`` s."""
+    before = system_busy_seconds()
+    time.sleep(interval)
+    return (system_busy_seconds() - before) / interval
+
+
+def wait_until_quiet(threshold: float = 0.25, max_wait: float | None = None) -> float:
+    """Wait (at most QUIET_WAIT s) until other processes leave the machine nearly idle,
+    so that a run is not measured against someone else's load; return the last
+    busy figure (cores). Nothing is stopped: it only waits, then goes ahead."""
+    deadline = time.monotonic() + (QUIET_WAIT if max_wait is None else max_wait)
+    while True:
+        busy = busy_cores(1.0)
+        if busy <= threshold or time.monotonic() >= deadline:
+            if busy > threshold:
+                print(f"\n[bench] the machine is still busy ({busy:.2f} cores) after waiting "
+                      f"{QUIET_WAIT:g} s; measuring anyway", flush=True)
+            return busy
+
+
 class CpuMeter:
     """CPU seconds used per group of processes between ``start()`` and ``stop()``.
 
@@ -205,6 +246,8 @@ class CpuMeter:
         self.used: dict[str, float] = {}
         self.seconds = 0.0
         self._t0 = 0.0
+        self._busy0 = 0.0
+        self.system = 0.0  # CPU seconds of the whole machine over the window
 
     def _sample(self) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
@@ -218,10 +261,12 @@ class CpuMeter:
 
     def start(self) -> None:
         self._t0 = time.monotonic()
+        self._busy0 = system_busy_seconds()
         self._start = self._sample()
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
+        self.system = system_busy_seconds() - self._busy0
         self.seconds = time.monotonic() - self._t0
         for name, pids in end.items():
             before = self._start.get(name, {})
@@ -231,7 +276,11 @@ class CpuMeter:
     def describe(self) -> str:
         if not self.seconds:
             return ""
-        return ", ".join(f"{name} {100 * used / self.seconds:.0f}%" for name, used in self.used.items())
+        parts = [f"{name} {100 * used / self.seconds:.0f}%" for name, used in self.used.items()]
+        other = self.system - sum(self.used.values())
+        parts.append(f"other (kernel, the bench, anything else) {100 * other / self.seconds:.0f}%")
+        parts.append(f"machine {100 * self.system / self.seconds:.0f}% of {os.cpu_count() * 100}%")
+        return ", ".join(parts)
 
 
 # ------------------------------------------------------------ child processes
