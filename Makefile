@@ -174,10 +174,13 @@ psql: venv
 test: setup
 	cd "$(ROOT)" && "$(PYTHON)" -m pytest $(PYTEST_ARGS)
 
+# Benchmarks: tests/bench/bench_*.py, collected only when tests/bench is named
+# (tests/bench/conftest.py), so `make test` never runs them. Each prints its
+# figures and rewrites its section of tests/bench/RESULTS.md. Durations:
+# SITELINK_BENCH_SECONDS, SITELINK_BENCH_CHILDREN, SITELINK_BENCH_FLIPS, ...
+# (see tests/bench/harness.py); PYTEST_ARGS='-k children' runs one.
 bench: setup
-	@cd "$(ROOT)"; \
-	if [[ -d tests/bench ]]; then "$(PYTHON)" -m pytest tests/bench $(PYTEST_ARGS); \
-	else echo "no benchmarks yet (tests/bench does not exist)"; fi
+	cd "$(ROOT)" && "$(PYTHON)" -m pytest tests/bench -p no:cacheprovider -s $(PYTEST_ARGS)
 
 clean:
 	@if $(supervisord_running); then echo "the stack is running: make down first" >&2; exit 1; fi; \

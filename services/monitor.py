@@ -89,6 +89,10 @@ class Monitor:
         self.reset_sessions: set[int] = set()  # topics changed: drop the broker's old session once
         self.renewed_at = time.monotonic()
         self.attempt_slots = attempts.create()
+        self.identity = db.SessionLock(settings.database_url, "instance_lock", {"me": self.instance_id},
+                                       "sitelink-monitor-lock")
+        self.identity_held = False
+        self.identity_warned = False
         self.listener: db.Listener | None = None
         self.wake_now = True
         self.started_since_cycle = 0
@@ -111,13 +115,16 @@ class Monitor:
                 now = time.monotonic()
                 if self.wake_now or now >= next_cycle:
                     self.wake_now = False
-                    self.cycle()
+                    if self._hold_identity():
+                        self.cycle()
                     next_cycle = time.monotonic() + self.settings.monitor_interval
                 self._escalate_stops()
                 self._wait(signals, next_cycle)
         finally:
             self.stop_all()
-            self._release_all()
+            if self.identity_held:
+                self._release_all()
+            self.identity.release()
             self.attempt_slots.unlink(missing_ok=True)
             self.events.flush(self.settings.ack_linger)
             self.events.close()
@@ -170,6 +177,25 @@ class Monitor:
             if self.listener is not None:
                 self.listener.close()
             self.listener = None
+
+    def _hold_identity(self) -> bool:
+        """Be the only monitor of this instance id on this database, or run nothing."""
+        try:
+            if self.identity.acquire():
+                if not self.identity_held:
+                    logger.info("monitor {} holds its instance lock", self.instance_id)
+                self.identity_held = True
+                return True
+            reason = f"another monitor with instance id {self.instance_id!r} runs on this database"
+        except db.DatabaseError as exc:
+            reason = f"cannot take the instance lock ({exc})"
+        if self.identity_held or not self.identity_warned:
+            logger.warning("monitor {}: {}; running nothing until it is free", self.instance_id, reason)
+            self.identity_warned = True
+        self.identity_held = False
+        for child in list(self.children.values()):
+            self._stop(child, "this monitor lost its instance lock")
+        return False
 
     # -- one cycle
 

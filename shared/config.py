@@ -100,7 +100,8 @@ class Settings:
                              "Directory of the file logs (relative to SITELINK_HOME).")
     log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")
     instance_id: str = _setting("INSTANCE_ID", "", _text,
-                                "Name of this monitor in logs and events. Default: host-pid.")
+                                "Name of this monitor in claims, logs and events (one monitor per name "
+                                "and database). Default: the host name.")
     monitor_interval: float = _setting("MONITOR_INTERVAL", 30.0, _positive_float,
                                        "Seconds between two monitor cycles (NOTIFY wakes it sooner).")
     stop_grace: float = _setting("STOP_GRACE", 5.0, _positive_float,
@@ -157,7 +158,7 @@ class Settings:
             object.__setattr__(self, "database_url",
                                _embedded_database_url(self.home, self.embedded_pg_port))
         if not self.instance_id:
-            object.__setattr__(self, "instance_id", f"{socket.gethostname()}-{os.getpid()}")
+            object.__setattr__(self, "instance_id", socket.gethostname())
         if not self.log_dir.is_absolute():
             object.__setattr__(self, "log_dir", self.home / self.log_dir)
 
@@ -204,6 +205,6 @@ def documentation() -> list[tuple[str, str, str]]:
         elif f.name == "database_url":
             default = "embedded cluster under var/"
         elif f.name == "instance_id":
-            default = "host-pid"
+            default = "the host name"
         rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
     return rows

@@ -178,6 +178,47 @@ class Listener:
             self._conn.close()
 
 
+class SessionLock:
+    """A session advisory lock on a connection of its own; lost if that connection drops."""
+
+    def __init__(self, url: str, query: str, params: Mapping[str, Any], application_name: str):
+        self.url = url
+        self.query = query
+        self.params = params
+        self.application_name = application_name
+        self._conn: psycopg.Connection | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock if free (or keep it); False if someone else holds it."""
+        if self.held():
+            return True
+        self.release()
+        with translate_errors():
+            conn = psycopg.connect(self.url, autocommit=True, application_name=self.application_name,
+                                   connect_timeout=5)
+            locked = conn.execute(QUERIES[self.query], self.params).fetchone()[0]
+        if locked:
+            self._conn = conn
+        else:
+            conn.close()
+        return bool(locked)
+
+    def held(self) -> bool:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return False
+        try:
+            self._conn.execute(QUERIES["ping"])
+        except psycopg.Error:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+
 # --- migrations ----------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 -- Named queries, loaded once by shared/db.py and run by name.
 -- Each starts with a "-- name: <name>" line.
 
+-- name: ping
+SELECT 1;
+
 -- ---------------------------------------------------------------- migrations
 
 -- name: migration_lock
@@ -45,6 +48,14 @@ WHERE c.id = %(connection_id)s;
 -- lease renewed each cycle; another monitor takes it over only once expired.
 -- The WHERE is re-checked on the locked row, so of two monitors racing for
 -- one connection exactly one wins.
+
+-- One monitor per instance id and database: a session advisory lock, held
+-- as long as the monitor's connection lives (released by PostgreSQL the
+-- moment the monitor dies), so a restarted monitor may take its claims back
+-- at once.
+
+-- name: instance_lock
+SELECT pg_try_advisory_lock(hashtextextended('sitelink-monitor:' || %(me)s, 0)) AS locked;
 
 -- name: claim_connections
 UPDATE mqtt_connection
