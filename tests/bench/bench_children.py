@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, LineProcess, broker_connection_holders, descendants, env_float,
+from tests.bench.harness import (PRODUCTION, CpuMeter, LineProcess, broker_connection_holders, descendants, env_float,
                                  env_int, fmt, median, memory, start_time, wait_until_quiet)
 from tests.conftest import SQL, Stack
 from tests.support import cmdline, wait_for
@@ -63,7 +63,7 @@ def _mem_row(label: str, mems: list[dict]) -> list[str]:
             fmt(median(pss), 1), fmt(median(rss), 1)]
 
 
-def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
+def test_children_start_connect_and_memory(bench_db, broker, durable_pg, tmp_path):
     sql_setup = SQL(bench_db)
     sql_setup.rows("INSERT INTO site (name) SELECT 'kid-' || g FROM generate_series(1, %s) g", K)
     sql_setup.rows("INSERT INTO mqtt_connection (site_id, broker_host, broker_port, topics, keepalive) "
@@ -76,7 +76,14 @@ def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
         stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1"})
         wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
 
+        def monitor_family() -> list[int]:
+            proc = stack.procs.get("monitor")
+            return [proc.pid, *descendants(proc.pid)] if proc is not None else []
+        meter = CpuMeter({"monitor + children": monitor_family, "logger": lambda: [stack.pid("logger")],
+                          "mosquitto": lambda: [broker.proc.pid],
+                          "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]})
         figures["busy_before"] = wait_until_quiet()
+        meter.start()
         t0 = time.time()
         stack.start("monitor")
         marks: dict[int, float] = {}
@@ -91,6 +98,8 @@ def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
             if connected >= K:
                 break
             time.sleep(0.05)
+        meter.stop()
+        figures["cpu"], figures["disturbed"] = meter.describe(), meter.disturbed()
         figures["connected"] = connected
         figures["marks"] = marks
         row = stack.sql.one("SELECT extract(epoch FROM min(last_connected_at))::float8 AS first, "
@@ -141,6 +150,7 @@ def test_children_start_connect_and_memory(bench_db, broker, tmp_path):
     if figures["others"]:
         extra = "\n\nOther descendants of the monitor (no broker connection): " + "; ".join(
             f"pid {p} `{c}` USS {fmt(m['uss'] / MIB if m else None, 1)} MiB" for p, c, m in figures["others"])
+    disturbed = f"\n\n**{figures['disturbed']}**; the timings are less reliable." if figures["disturbed"] else ""
     total_pss = sum(m["pss"] for m in kids) / MIB
     timing = results.table(["measure", "seconds", "target"], [
         ["monitor started -> first child spawned", fmt(figures["spawn_first"], 2), ""],
@@ -171,7 +181,8 @@ Target: USS <= 6 MiB per child: median {fmt(median(uss), 1)} MiB,
 max {fmt(max(uss) if uss else None, 1)} MiB, {results.verdict(max(uss) if uss else None, 6.0, higher_is_better=False)}.
 All {len(kids)} children together: {fmt(total_pss, 0)} MiB PSS. The monitor itself: USS
 {fmt(figures['monitor_uss'], 1)} MiB. Machine load just before the monitor started:
-{figures['busy_before']:.2f} cores busy.{extra}
+{figures['busy_before']:.2f} cores busy. CPU from the monitor's start until all were connected
+(% of one core): {figures['cpu']}.{disturbed}{extra}
 """
     results.update_section("Child cost", body)
     print("\n" + body, flush=True)

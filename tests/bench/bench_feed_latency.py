@@ -29,7 +29,7 @@ import pytest
 import zmq
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, SECONDS, WARMUP, broker_connection_holders, descendants,
+from tests.bench.harness import (PRODUCTION, CpuMeter, SECONDS, WARMUP, broker_connection_holders, descendants,
                                  env_int, fmt, go, median, percentile, publishers, wait_until_quiet)
 from tests.conftest import Stack
 from tests.support import alive, wait_for
@@ -112,7 +112,7 @@ def _flips(n: int, stack: Stack, broker, feed: FeedRecorder, cid: int, load_pid:
     return {"events": feed.latencies(cid, since, until), "activations": activations, "seconds": until - since}
 
 
-def test_status_feed_latency(bench_db, broker, tmp_path):
+def test_status_feed_latency(bench_db, broker, durable_pg, tmp_path):
     stack = Stack(bench_db, broker, tmp_path)
     feed = FeedRecorder(stack.env["SITELINK_STATUS_FEED"])
     feed.start()
@@ -125,17 +125,26 @@ def test_status_feed_latency(bench_db, broker, tmp_path):
         flip_cid = stack.sql.add_site("flip", port=broker.port, keepalive=60)
         stack.sql.wait_status(flip_cid, "connected", timeout=60)
 
+        groups = {"sitelink": lambda: [stack.pid("logger"), stack.pid("monitor"), *descendants(stack.pid("monitor"))],
+                  "mosquitto": lambda: [broker.proc.pid],
+                  "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]}
+        meters = {"idle": CpuMeter(groups)}
         busy = {"idle": wait_until_quiet()}
+        meters["idle"].start()
         figures["idle"] = _flips(FLIPS_IDLE, stack, broker, feed, flip_cid, load_pid)
+        meters["idle"].stop()
         print(f"\n[feed] idle: p50 {fmt(median(figures['idle']['events']) * 1000)} ms", flush=True)
 
         spec = [(broker.port, "sites/load/GW-01/DL-07", "GW-01")]
         with publishers(spec, 3600, tmp_path) as pubs:
+            meters["load"] = CpuMeter({"publisher": lambda: [p.pid for p in pubs], **groups})
             busy["load"] = wait_until_quiet()
             go(pubs)
             time.sleep(WARMUP)
             rows_before = stack.sql.value("SELECT count(*) FROM reading")
+            meters["load"].start()
             figures["load"] = _flips(FLIPS, stack, broker, feed, flip_cid, load_pid)
+            meters["load"].stop()
             rows_after = stack.sql.value("SELECT count(*) FROM reading")
         figures["load"]["rows_per_s"] = (rows_after - rows_before) / figures["load"]["seconds"]
         figures["load_log"] = stack.sql.rows(
@@ -159,6 +168,8 @@ def test_status_feed_latency(bench_db, broker, tmp_path):
         [row("idle", figures["idle"], FLIPS_IDLE),
          row(f"under ingest load ({fmt(figures['load']['rows_per_s'])} rows/s committed meanwhile)",
              figures["load"], FLIPS)])
+    disturbed = "".join(f"\n**{phase}: {m.disturbed()}**; its figures are less reliable.\n"
+                        for phase, m in meters.items() if m.disturbed())
     trouble = ""
     if figures["load_log"] or figures["load_status"] != "connected":
         trouble = (f"\n**The loaded connection did not stay connected**: status at the end "
@@ -178,8 +189,9 @@ publisher (as fast as it can, {SECONDS:g} s figures in "Ingest throughput").
 The event -> receipt time covers: child -> logger (ZeroMQ), the logger's batch
 wait (SITELINK_BATCH_WAIT, 50 ms by default) and commit, then the PUB/SUB hop.
 Machine load just before each phase (cores busy over 1 s): idle {busy['idle']:.2f},
-under load {busy['load']:.2f} (before the publisher started).
-{trouble}"""
+under load {busy['load']:.2f} (before the publisher started). CPU during the flips
+(% of one core): idle: {meters['idle'].describe()}; under load: {meters['load'].describe()}.
+{disturbed}{trouble}"""
     results.update_section("Status feed latency", body)
     print("\n" + body, flush=True)
     assert figures["idle"]["events"] and figures["load"]["events"]

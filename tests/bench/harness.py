@@ -42,6 +42,8 @@ DRAIN = env_float("SITELINK_BENCH_DRAIN", 20.0)
 WINDOW = env_int("SITELINK_BENCH_WINDOW", 1000)
 PUBLISH_RATE = env_float("SITELINK_BENCH_PUBLISH_RATE", 0.0)  # msg/s per publisher, 0 = as fast as possible
 QUIET_WAIT = env_float("SITELINK_BENCH_QUIET_WAIT", 120.0)  # s to wait for other load to end before a run
+#: Cores used outside the benchmark's processes during a measurement above which it is flagged.
+DISTURBED = 0.3
 
 #: The services' own defaults for what matters to performance. The test
 #: suite's Stack shortens intervals and logs at DEBUG; a benchmark measures
@@ -272,6 +274,18 @@ class CpuMeter:
             before = self._start.get(name, {})
             self.used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items())
         return self.used
+
+    @property
+    def other(self) -> float:
+        """Cores used by anything outside the groups (the kernel, this process, other users)."""
+        return (self.system - sum(self.used.values())) / self.seconds if self.seconds else 0.0
+
+    def disturbed(self, threshold: float = DISTURBED) -> str:
+        """A warning when something outside the benchmark used more than ``threshold`` cores."""
+        if self.other > threshold:
+            return (f"disturbed: {self.other:.2f} cores used outside the benchmark's processes "
+                    f"during the measurement")
+        return ""
 
     def describe(self) -> str:
         if not self.seconds:
