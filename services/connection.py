@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import logging
 import os
 import signal
@@ -35,14 +34,13 @@ from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared import backoff, config, db, exitcodes, logs, parsers, protocol
+from shared import backoff, config, db, exitcodes, logs, parsers, process, protocol
 from shared.attempts import AttemptSlots
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, Data, ParseFailure, StatusChange
 from shared.signals import SignalPipe
 
-PR_SET_PDEATHSIG = 1
 #: How often the loop wakes at the least, for keepalive pings and timers.
 TICK = 1.0
 #: How long an MQTT 5 broker keeps our session while we are away.
@@ -63,23 +61,6 @@ SESSION_TAKEN_OVER = 0x8E
 #: point at another client using the same client id.
 QUICK_LOSS_WINDOW = 30.0
 QUICK_LOSSES_FOR_CLASH = 3
-
-
-def die_with_parent(monitor_pid: int) -> None:
-    """Ask the kernel for SIGTERM when our parent dies, even by SIGKILL.
-
-    Then check the parent is still the monitor: if it died before the prctl,
-    we were already re-parented and the signal will never come.
-    """
-    if not monitor_pid:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the ppid check below still helps
-        pass
-    if os.getppid() != monitor_pid:
-        sys.exit(exitcodes.ORPHANED)
 
 
 def is_rejection(exc: BaseException) -> bool:
@@ -496,6 +477,22 @@ def load_settings_from_db(settings: config.Settings, connection_id: int) -> Conn
     return ConnectionSettings.from_mapping(row)
 
 
+def run_child(settings: config.Settings, conn: ConnectionSettings) -> int:
+    """Run one connection until it is told to stop; return the exit code.
+
+    Shared by the zygote's forked children and by ``main`` below.
+    """
+    process.set_name(f"sitelink-c{conn.connection_id}")
+    if conn.monitor_pid and not process.die_with(conn.monitor_pid, signal.SIGTERM):
+        return exitcodes.ORPHANED  # the monitor is gone: never run unsupervised
+    logs.setup(f"conn-{conn.connection_id}", settings.log_level)
+    problems = conn.problems()
+    if problems:
+        logger.error("connection {} cannot start: {}", conn.connection_id, "; ".join(problems))
+        return exitcodes.CONFIG
+    return ConnectionChild(settings, conn).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.connection", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -514,15 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         except protocol.ProtocolError as exc:
             print(f"sitelink connection: {exc}", file=sys.stderr)
             return exitcodes.CONFIG
-        die_with_parent(conn.monitor_pid)
     else:
         conn = load_settings_from_db(settings, args.connection_id)
-    logs.setup(f"conn-{conn.connection_id}", settings.log_level)
-    problems = conn.problems()
-    if problems:
-        logger.error("connection {} cannot start: {}", conn.connection_id, "; ".join(problems))
-        return exitcodes.CONFIG
-    return ConnectionChild(settings, conn).run()
+    return run_child(settings, conn)
 
 
 if __name__ == "__main__":

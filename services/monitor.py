@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from dataclasses import dataclass, field
 import zmq
 from loguru import logger
 
-from shared import attempts, backoff, config, db, exitcodes, logs, protocol
+from services.zygote import Zygote
+from shared import attempts, backoff, config, db, exitcodes, logs, process, protocol
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
@@ -61,6 +61,14 @@ class Hold:
     reported: set[str] = field(default_factory=set)
 
 
+def alive_child(pid: int) -> bool:
+    """True until our child ``pid`` has been reaped."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
 def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -89,6 +97,12 @@ class Monitor:
         self.reset_sessions: set[int] = set()  # topics changed: drop the broker's old session once
         self.renewed_at = time.monotonic()
         self.attempt_slots = attempts.create()
+        # Children are forked by the zygote and adopted by us: we reap them and
+        # are their parent for PR_SET_PDEATHSIG.
+        process.become_subreaper()
+        self.zygote = Zygote()
+        self.zygote.start()
+        self.early_exits: dict[int, int] = {}
         self.identity = db.SessionLock(settings.database_url, "instance_lock", {"me": self.instance_id},
                                        "sitelink-monitor-lock")
         self.identity_held = False
@@ -370,29 +384,33 @@ class Monitor:
     # -- children
 
     def _spawn(self, settings: ConnectionSettings) -> None:
+        cid = settings.connection_id
+        frame = protocol.encode_settings(settings)  # password travels on a socket, never in argv
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "services.connection", "--settings-stdin"],
-                                    stdin=subprocess.PIPE, close_fds=True, cwd=config.PROJECT_ROOT)
-        except OSError as exc:
-            logger.error("cannot start a child for connection {}: {}", settings.connection_id, exc)
-            self.events.send(ConnectionLog(connection_id=settings.connection_id, level="ERROR",
-                                           message=f"cannot start a child process: {exc}",
-                                           exception_type=type(exc).__name__))
-            self._hold_after_crash(settings.connection_id, started_at=time.monotonic())
-            return
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(protocol.encode_settings(settings))
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once; reaping will tell why
-        proc.returncode = 0  # we reap by PID ourselves; keep Popen from trying later
-        child = Child(connection_id=settings.connection_id, pid=proc.pid,
-                      settings=settings, started_at=time.monotonic())
-        self.children[child.connection_id] = child
-        self.by_pid[child.pid] = child
+            pid = self.zygote.spawn(frame)
+        except (OSError, ChildProcessError) as exc:
+            logger.warning("the zygote failed ({}); starting a new one", exc)
+            self.zygote.discard()
+            try:
+                pid = self.zygote.spawn(frame)
+            except (OSError, ChildProcessError) as again:
+                logger.error("cannot start a child for connection {}: {}", cid, again)
+                self.zygote.discard()
+                self.events.send(ConnectionLog(connection_id=cid, level="ERROR",
+                                               message=f"cannot start a child process: {again}",
+                                               exception_type=type(again).__name__))
+                self._hold_after_crash(cid, started_at=time.monotonic())
+                return
+        child = Child(connection_id=cid, pid=pid, settings=settings, started_at=time.monotonic())
+        self.children[cid] = child
+        self.by_pid[pid] = child
         self.started_since_cycle += 1
-        logger.info("started connection {} (pid {})", child.connection_id, child.pid)
+        logger.info("started connection {} (pid {})", cid, pid)
+        status = self.early_exits.pop(pid, None)
+        if status is not None:  # it exited before we knew its PID
+            del self.children[cid]
+            del self.by_pid[pid]
+            self._exited(child, status)
 
     def _stop(self, child: Child, reason: str, restart: bool = False) -> None:
         if child.stop_sent_at is not None:
@@ -423,15 +441,24 @@ class Monitor:
                 child.killed = True
 
     def reap(self) -> None:
-        while self.by_pid:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if pid == self.zygote.pid:
+                logger.warning("the zygote (pid {}) exited ({}); a new one starts with the next child",
+                               pid, describe_exit(status))
+                self.zygote.close()
+                continue
             child = self.by_pid.pop(pid, None)
             if child is None:
+                # A child can exit before the zygote has told us its PID.
+                self.early_exits[pid] = status
+                while len(self.early_exits) > 1000:
+                    self.early_exits.pop(next(iter(self.early_exits)))
                 continue
             del self.children[child.connection_id]
             self._exited(child, status)
@@ -493,8 +520,10 @@ class Monitor:
             time.sleep(0.02)
         for child in self.children.values():
             self._signal(child, signal.SIGKILL)
+        zygote = self.zygote.pid
+        self.zygote.close()  # it exits when its control socket closes
         deadline = time.monotonic() + 5
-        while self.children and time.monotonic() < deadline:
+        while (self.children or (zygote and alive_child(zygote))) and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.02)
 

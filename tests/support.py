@@ -263,9 +263,23 @@ def reading(gateway="GW-01", datalogger="DL-07", ts="2026-11-28T10:00:00Z", **se
     return doc
 
 
+def comm(pid: int) -> str:
+    """The process name ``ps -o comm`` shows."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def connection_children(monitor_pid: int) -> list[int]:
+    """PIDs of a monitor's connection children (named sitelink-c<id>)."""
+    return [pid for pid in children_of(monitor_pid) if comm(pid).startswith("sitelink-c")]
+
+
 def monitor_children(stack) -> list[int]:
     """PIDs of the connection children of the stack's monitor."""
-    return [pid for pid in children_of(stack.pid("monitor")) if "services.connection" in cmdline(pid)]
+    return connection_children(stack.pid("monitor"))
 
 
 def joined_feed(stack):

@@ -12,7 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.support import (Mosquitto, Publisher, alive, children_of, cmdline, joined_feed, monitor_children,
+from tests.support import (Mosquitto, Publisher, alive, connection_children, joined_feed, monitor_children,
                            python_service, reading, remove_tree, stop_process, wait_for,
                            world_traversable_tmpdir)
 
@@ -185,11 +185,11 @@ def test_two_monitors_on_one_database_never_run_a_connection_twice(stack, broker
                       what="a cycle of the second monitor")
         feed.wait_for(lambda t, b: b["type"] == "monitor_cycle" and b["instance_id"] == "second",
                       what="another cycle of the second monitor")
-        assert not [p for p in children_of(second.pid) if "services.connection" in cmdline(p)]
+        assert not connection_children(second.pid)
         assert {r["claimed_by"] for r in stack.sql.rows("SELECT claimed_by FROM mqtt_connection")} == {"first"}
         # The first stops (releasing its claims): the second takes every connection over.
         assert stack.stop("monitor") == 0
-        wait_for(lambda: len([p for p in children_of(second.pid) if "services.connection" in cmdline(p)]) == 4,
+        wait_for(lambda: len(connection_children(second.pid)) == 4,
                  what="the second monitor to take over")
         for cid in ids:
             wait_for(lambda: stack.sql.value("SELECT claimed_by FROM mqtt_connection WHERE id = %s", cid)

@@ -29,7 +29,7 @@ import pytest
 import zmq
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, CpuMeter, SECONDS, WARMUP, broker_connection_holders, descendants,
+from tests.bench.harness import (PRODUCTION, CpuMeter, WARMUP, broker_connection_holders, descendants,
                                  env_int, fmt, go, median, percentile, publishers, wait_until_quiet)
 from tests.conftest import Stack
 from tests.support import alive, wait_for
@@ -174,15 +174,16 @@ def test_status_feed_latency(bench_db, broker, durable_pg, tmp_path):
     if figures["load_log"] or figures["load_status"] != "connected":
         trouble = (f"\n**The loaded connection did not stay connected**: status at the end "
                    f"`{figures['load_status']}`; its non-INFO log rows during the run:\n\n" + "\n".join(
-                       f"- {r['timestamp']:%H:%M:%S.%f} {r['level']}: {r['message']}" for r in figures["load_log"][:20]))
+                       f"- {r['timestamp']:%H:%M:%S.%f} {r['level']}: {r['message']}"
+                       for r in figures["load_log"][:20]))
     body = f"""`tests/bench/bench_feed_latency.py`: a subscriber thread receives the status feed and
 notes the arrival time of each message. The second of two sites is
 flipped `is_active` off and on; for each `connected`/`disconnected` message of
 that connection, latency = receipt time - the body's `timestamp` (the child's
 own event time). Each "off" waits for the old child to exit, so each "on"
 starts a new child; monitor interval 30 s (the default), so activations come
-from NOTIFY. Under load, the first site receives the ingest benchmark's
-publisher (as fast as it can, {SECONDS:g} s figures in "Ingest throughput").
+from NOTIFY. Under load, the first site receives, for the whole phase, one
+publisher as in "Ingest throughput" (QoS 1, as fast as it can).
 
 {table}
 

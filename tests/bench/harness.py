@@ -106,6 +106,21 @@ def _filesystem(path: Path) -> str:
         return "an unknown filesystem"
 
 
+def describe_broker(broker) -> str:
+    """The Mosquitto settings that matter to throughput, from the config it was started with."""
+    defaults = {"max_inflight_messages": "20", "max_queued_messages": "1000", "max_queued_bytes": "0",
+                "persistence": "false"}
+    found: dict[str, str] = {}
+    try:
+        for line in (Path(broker.base) / "mosquitto.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in defaults:
+                found[parts[0]] = parts[1]
+    except OSError:
+        pass
+    return ", ".join(f"{k} {found.get(k, defaults[k] + ' (default)')}" for k in defaults)
+
+
 # ------------------------------------------------------------------ /proc
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -117,11 +132,12 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """user + system CPU seconds of ``pid`` (not of its children)."""
+    """user + system CPU seconds of ``pid``, plus those of its children it has reaped
+    (so a child that starts and ends within a measurement counts for its parent)."""
     fields = _stat_fields(pid)
     if fields is None:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
 def start_time(pid: int) -> float | None:
@@ -132,6 +148,11 @@ def start_time(pid: int) -> float | None:
     with open("/proc/stat") as f:
         btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
     return btime + int(fields[19]) / CLK_TCK
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
 
 
 def descendants(pid: int) -> list[int]:
@@ -238,8 +259,11 @@ def wait_until_quiet(threshold: float = 0.25, max_wait: float | None = None) -> 
 class CpuMeter:
     """CPU seconds used per group of processes between ``start()`` and ``stop()``.
 
-    A group is a callable returning its PIDs at that moment (processes that
-    start in between count from zero; those that end in between are lost).
+    A group is a callable returning its PIDs at that moment. Processes that
+    start in between count from zero; those that end in between count through
+    their parent (a process's figure includes the children it reaped), so a
+    group should hold the parents of short-lived processes (the monitor, the
+    postmaster).
     """
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]):
@@ -272,7 +296,10 @@ class CpuMeter:
         self.seconds = time.monotonic() - self._t0
         for name, pids in end.items():
             before = self._start.get(name, {})
-            self.used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items())
+            # A process gone by now was reaped by its parent, whose figure now holds
+            # its whole life: take off what it had used before the start.
+            gone = sum(cpu for pid, cpu in before.items() if pid not in pids)
+            self.used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items()) - gone
         return self.used
 
     @property
