@@ -22,6 +22,7 @@ import argparse
 import collections
 import logging
 import os
+import select
 import signal
 import ssl
 import sys
@@ -43,6 +44,8 @@ from shared.signals import SignalPipe
 
 #: How often the loop wakes at the least, for keepalive pings and timers.
 TICK = 1.0
+#: Most MQTT packets read in one go before the loop polls again.
+READ_BURST = 500
 #: How long an MQTT 5 broker keeps our session while we are away.
 SESSION_EXPIRY = 7 * 24 * 3600
 
@@ -295,12 +298,13 @@ class ConnectionChild:
                 parser_name=self.conn.parser_name, error_type=error_type, error_message=str(exc),
                 payload=bytes(payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES]),
                 exception_type=type(exc).__name__,
-                traceback="".join(traceback.format_exception(exc)) if error_type == "UNKNOWN_ERROR" else ""))
+                traceback="".join(traceback.format_exception(exc)) if error_type == "UNKNOWN_ERROR" else ""),
+                defer=True)
             return
         for record in records:
             self.events.send(Data(connection_id=self.conn.connection_id, topic=message.topic,
                                   gateway=record.gateway, datalogger=record.datalogger,
-                                  ts=record.ts, sensors=record.sensors))
+                                  ts=record.ts, sensors=record.sensors), defer=True)
 
     def _ack_committed(self) -> None:
         """PUBACK (or PUBCOMP) every message whose events the logger committed."""
@@ -326,6 +330,10 @@ class ConnectionChild:
         if self.conn.reset_session and not self.conn.clean_session:
             self._reset_session()
         signals = SignalPipe(signal.SIGTERM, signal.SIGINT)
+        self.poller = zmq.Poller()
+        self.poller.register(signals.fileno(), zmq.POLLIN)
+        self.poller.register(self.events.socket, zmq.POLLIN)
+        self._watched = None
         try:
             while not self.stopping:
                 if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
@@ -381,28 +389,20 @@ class ConnectionChild:
         if self.status in ("disconnected", "error"):
             timeout = min(timeout, max(0.0, self.next_attempt_at - time.monotonic()))
         timeout = self.events.bound(timeout)
-        poller = zmq.Poller()
-        poller.register(signals.fileno(), zmq.POLLIN)
-        poller.register(self.events.socket, zmq.POLLIN)
         sock = self.client.socket()
         paused = self.paused
+        self._watch(sock, (0 if paused or sock is None else zmq.POLLIN)
+                    | (zmq.POLLOUT if sock is not None and self.client.want_write() else 0))
+        ready = dict(self.poller.poll(timeout * 1000))
         if sock is not None:
-            wanted = (0 if paused else zmq.POLLIN) | (zmq.POLLOUT if self.client.want_write() else 0)
-            if wanted:
-                poller.register(sock, wanted)
-        ready = dict(poller.poll(timeout * 1000))
-        if sock is not None:
-            flags = ready.get(sock, 0) | ready.get(sock.fileno(), 0)
-            if flags & zmq.POLLIN:
-                self.client.loop_read()
-                while self.client.socket() is not None and getattr(self.client.socket(), "pending", None) \
-                        and self.client.socket().pending() and not self.paused:
-                    self.client.loop_read()  # TLS may hold decrypted bytes select() cannot see
+            if (ready.get(sock, 0) | ready.get(sock.fileno(), 0)) & zmq.POLLIN:
+                self._read_burst(sock)
             if self.client.socket() is not None and self.client.want_write():
                 self.client.loop_write()
             if self.client.socket() is not None and not paused:
                 # While paused nothing is read, so no PINGRESP either: no pings then.
                 self.client.loop_misc()
+        self.events.flush_deferred()
         if ready.get(self.events.socket):
             self.events.receive_acks()
             self._ack_committed()
@@ -417,6 +417,32 @@ class ConnectionChild:
             self._failed(f"no answer (CONNACK/SUBACK) from the broker within {self.settings.connect_timeout:g} s")
         if self.status == "connected" and not paused:
             self._check_liveness()
+
+    def _watch(self, sock, flags: int) -> None:
+        """Keep the MQTT socket registered in the poller with ``flags``."""
+        if self._watched is not None and (self._watched is not sock or not flags):
+            self.poller.unregister(self._watched)
+            self._watched = None
+        if sock is not None and flags:
+            self.poller.register(sock, flags)  # registering again updates the flags
+            self._watched = sock
+
+    def _read_burst(self, sock) -> None:
+        """Read what the socket holds, up to READ_BURST packets, before polling again.
+
+        paho reads one packet per loop_read(); polling between each would cost
+        more than the packet itself under load.
+        """
+        ready = select.poll()
+        ready.register(sock.fileno(), select.POLLIN)
+        for _ in range(READ_BURST):
+            self.client.loop_read()
+            current = self.client.socket()
+            if current is not sock or self.paused:
+                return
+            pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
+            if not (pending is not None and pending()) and not ready.poll(0):
+                return
 
     def _check_liveness(self) -> None:
         """Notice a dead path (no PINGRESP) and a silent stall (no message for too long)."""

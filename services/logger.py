@@ -24,7 +24,7 @@ import zmq
 from loguru import logger
 
 from shared import backoff, config, db, logs, protocol
-from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
+from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
                              ParseFailure, StatusChange)
 from shared.signals import SignalPipe
 
@@ -366,30 +366,35 @@ class LoggerService:
                 continue
             identity, frame = frames
             try:
-                env = protocol.decode(frame)
+                message = protocol.decode(frame)
             except protocol.ProtocolError as exc:
                 logger.warning("dropped an invalid message: {}", exc)
                 continue
-            if isinstance(env, Ack):
+            if isinstance(message, Ack):
                 continue
-            stream = self.streams.get(env.stream)
-            if stream is None:
-                stream = self.streams[env.stream] = Stream()
-            stream.identity = identity
-            stream.last_seen = now
-            if env.floor > stream.low:
-                stream.low = env.floor
-                stream.above = {seq for seq in stream.above if seq > env.floor}
-                stream.advance()
-            if env.seq <= stream.low or env.seq in stream.above:
-                self._ack(env.incarnation, stream)  # a resend of something stored
-                continue
-            if env.seq in stream.pending:
-                continue  # a resend of something in this batch
-            stream.pending.add(env.seq)
-            if not self.pending:
-                self.batch_started = now
-            self.pending.append(env)
+            for env in message.envelopes if isinstance(message, Batch) else (message,):
+                self._take(identity, env, now)
+
+    def _take(self, identity: bytes, env: Envelope, now: float) -> None:
+        """Queue one received event for the next batch, unless already stored or queued."""
+        stream = self.streams.get(env.stream)
+        if stream is None:
+            stream = self.streams[env.stream] = Stream()
+        stream.identity = identity
+        stream.last_seen = now
+        if env.floor > stream.low:
+            stream.low = env.floor
+            stream.above = {seq for seq in stream.above if seq > env.floor}
+            stream.advance()
+        if env.seq <= stream.low or env.seq in stream.above:
+            self._ack(env.incarnation, stream)  # a resend of something stored
+            return
+        if env.seq in stream.pending:
+            return  # a resend of something in this batch
+        stream.pending.add(env.seq)
+        if not self.pending:
+            self.batch_started = now
+        self.pending.append(env)
 
     def _flush(self) -> None:
         batch = self.pending

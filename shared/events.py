@@ -19,7 +19,7 @@ from collections import OrderedDict
 import zmq
 
 from shared import protocol
-from shared.protocol import Ack, Envelope, Event
+from shared.protocol import Ack, Batch, Envelope, Event
 
 RESEND_CAP = 60.0
 
@@ -35,13 +35,17 @@ class EventSender:
         self.socket.connect(endpoint)
         self._seq = 0
         self._floor = 0
-        self._unacked: OrderedDict[int, bytes] = OrderedDict()
+        # Frames sent and not yet acknowledged, by the last sequence number they hold.
+        self._unacked: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+        self._unacked_events = 0
+        self._deferred: list[Envelope] = []
         self._last_progress = time.monotonic()
         self._resend_wait = resend_after
 
     @property
     def unacked(self) -> int:
-        return len(self._unacked)
+        """Events sent (or about to be) that the logger has not acknowledged."""
+        return self._unacked_events + len(self._deferred)
 
     @property
     def last_seq(self) -> int:
@@ -53,15 +57,27 @@ class EventSender:
         """Every event up to this sequence number is committed by the logger."""
         return self._floor
 
-    def send(self, event: Event) -> int:
+    def send(self, event: Event, defer: bool = False) -> int:
+        """Send ``event``; with ``defer``, keep it for the next ``flush_deferred``
+        (one frame for many events), else send it at once, after any deferred."""
         self._seq += 1
-        frame = protocol.encode(Envelope(sender=self.sender, incarnation=self.incarnation,
-                                         seq=self._seq, floor=self._floor, ts=time.time(), event=event))
+        envelope = Envelope(sender=self.sender, incarnation=self.incarnation, seq=self._seq,
+                            floor=self._floor, ts=time.time(), event=event)
+        self._deferred.append(envelope)
+        if not defer:
+            self.flush_deferred()
+        return self._seq
+
+    def flush_deferred(self) -> None:
+        if not self._deferred:
+            return
+        batch, self._deferred = self._deferred, []
+        frame = protocol.encode(batch[0] if len(batch) == 1 else Batch(tuple(batch)))
         if not self._unacked:
             self._last_progress = time.monotonic()
-        self._unacked[self._seq] = frame
+        self._unacked[batch[-1].seq] = (frame, len(batch))
+        self._unacked_events += len(batch)
         self._transmit(frame)
-        return self._seq
 
     def _transmit(self, frame: bytes) -> None:
         try:
@@ -91,7 +107,7 @@ class EventSender:
             seq = next(iter(self._unacked))
             if seq > upto:
                 break
-            del self._unacked[seq]
+            self._unacked_events -= self._unacked.pop(seq)[1]
         self._last_progress = time.monotonic()
         self._resend_wait = self.resend_after
 
@@ -103,7 +119,7 @@ class EventSender:
         wait = self._last_progress + self._resend_wait - now
         if wait > 0:
             return wait
-        for frame in self._unacked.values():
+        for frame, _ in self._unacked.values():
             self._transmit(frame)
         self._last_progress = now
         self._resend_wait = min(self._resend_wait * 2, max(RESEND_CAP, self.resend_after))
@@ -117,6 +133,7 @@ class EventSender:
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every event to be acknowledged."""
         deadline = time.monotonic() + timeout
+        self.flush_deferred()
         while self._unacked:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -154,6 +154,13 @@ class Envelope:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Several envelopes of one sender in one frame (fewer sends under load)."""
+
+    envelopes: tuple[Envelope, ...]
+
+
+@dataclass(frozen=True)
 class Ack:
     """The logger has committed every event of ``incarnation`` up to ``upto``."""
 
@@ -163,18 +170,24 @@ class Ack:
 
 # --- encoding ---------------------------------------------------------------
 
-def encode(message: Envelope | Ack) -> bytes:
+def _envelope_doc(message: Envelope) -> dict[str, Any]:
+    ev = message.event
+    return {"v": VERSION, "k": ev.KIND, "s": message.sender, "i": message.incarnation,
+            "n": message.seq, "f": message.floor, "t": message.ts,
+            "b": {name: getattr(ev, name) for name in _field_names(type(ev))}}
+
+
+def encode(message: Envelope | Batch | Ack) -> bytes:
     if isinstance(message, Ack):
         doc: dict[str, Any] = {"v": VERSION, "k": "ack", "i": message.incarnation, "u": message.upto}
+    elif isinstance(message, Batch):
+        doc = {"v": VERSION, "k": "batch", "e": [_envelope_doc(e) for e in message.envelopes]}
     else:
-        ev = message.event
-        doc = {"v": VERSION, "k": ev.KIND, "s": message.sender, "i": message.incarnation,
-               "n": message.seq, "f": message.floor, "t": message.ts,
-               "b": {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev)}}
+        doc = _envelope_doc(message)
     return msgpack.packb(doc, use_bin_type=True)
 
 
-def decode(frame: bytes) -> Envelope | Ack:
+def decode(frame: bytes) -> Envelope | Batch | Ack:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
@@ -188,6 +201,21 @@ def decode(frame: bytes) -> Envelope | Ack:
     kind = doc.get("k")
     if kind == "ack":
         return Ack(incarnation=_typed(doc, "i", str), upto=_typed(doc, "u", int))
+    if kind == "batch":
+        items = doc.get("e")
+        if not isinstance(items, list) or not items:
+            raise ProtocolError("batch: 'e' is not a non-empty list")
+        envelopes = []
+        for item in items:
+            if not isinstance(item, dict) or item.get("v") != VERSION or item.get("k") in ("ack", "batch"):
+                raise ProtocolError("batch: an item is not an event envelope")
+            envelopes.append(_envelope(item))
+        return Batch(tuple(envelopes))
+    return _envelope(doc)
+
+
+def _envelope(doc: dict) -> Envelope:
+    kind = doc.get("k")
     cls = EVENT_KINDS.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
@@ -207,43 +235,56 @@ def _typed(doc: dict, key: str, types_: type | tuple[type, ...]) -> Any:
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _accepts(hint: Any, value: Any) -> bool:
+def _checker(hint: Any):
+    """A fast test for one field's type, built once per event class."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+        checks = [_checker(arg) for arg in typing.get_args(hint)]
+        return lambda value: any(check(value) for check in checks)
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return lambda value: type(value) is float or type(value) is int
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda value: type(value) is int
     if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
+        return lambda value: type(value) is dict
+    return lambda value: isinstance(value, hint)
+
+
+_SCHEMAS: dict[type, tuple[tuple[str, Any, bool, bool], ...]] = {}
+
+
+def _schema(cls: type) -> tuple[tuple[str, Any, bool, bool], ...]:
+    """(name, checker, required, is_float) per field of an event class."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        schema = _SCHEMAS[cls] = tuple(
+            (f.name, _checker(hints[f.name]),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+             hints[f.name] is float)
+            for f in dataclasses.fields(cls))
+    return schema
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(name for name, _, _, _ in _schema(cls))
 
 
 def _build(cls: type, body: dict) -> Any:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.KIND}: missing field {f.name!r}")
+    for name, check, required, is_float in _schema(cls):
+        if name not in body:
+            if required:
+                raise ProtocolError(f"{cls.KIND}: missing field {name!r}")
             continue
-        value = body[f.name]
-        if not _accepts(hints[f.name], value):
-            raise ProtocolError(f"{cls.KIND}: field {f.name!r} has the wrong type "
-                                f"({type(value).__name__})")
-        if hints[f.name] is float:
-            value = float(value)
-        kwargs[f.name] = value
-    unknown = set(body) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
+        value = body[name]
+        if not check(value):
+            raise ProtocolError(f"{cls.KIND}: field {name!r} has the wrong type ({type(value).__name__})")
+        kwargs[name] = float(value) if is_float else value
+    if len(kwargs) != len(body):
+        unknown = set(body) - set(kwargs)
         raise ProtocolError(f"{cls.KIND}: unknown fields {sorted(unknown)}")
     try:
         return cls(**kwargs)

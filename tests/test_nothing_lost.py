@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from shared import db, protocol
-from shared.protocol import Ack, Data, Envelope
+from shared.protocol import Ack, Batch, Data, Envelope
 from tests.conftest import Stack
 from tests.support import (Mosquitto, PostgresServer, alive, monitor_children, python_service, remove_tree,
                            stop_process, wait_for, world_traversable_tmpdir)
@@ -144,8 +144,10 @@ def test_sigkill_of_children_holding_messages_the_logger_never_committed(stack, 
             while silent.poll(0):
                 _, frame = silent.recv_multipart()
                 message = protocol.decode(frame)
-                if isinstance(message, Envelope) and isinstance(message.event, Data):
-                    received[message.event.connection_id] += 1
+                envelopes = message.envelopes if isinstance(message, Batch) else (message,)
+                for env in envelopes:
+                    if isinstance(env, Envelope) and isinstance(env.event, Data):
+                        received[env.event.connection_id] += 1
             return all(n >= 10 for n in received.values())
         wait_for(reported, what="every child to report some messages")
         for pid in monitor_children(stack):

@@ -5,7 +5,7 @@ import pytest
 
 from shared import protocol
 from shared.connections import ConnectionSettings
-from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
+from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
                              ParseFailure, ProtocolError, StatusChange)
 
 EVENTS = [
@@ -24,6 +24,16 @@ EVENTS = [
 def test_every_kind_round_trips_with_its_header(event):
     env = Envelope(sender="conn:1", incarnation="12.ab", seq=7, floor=5, ts=1795860000.25, event=event)
     assert protocol.decode(protocol.encode(env)) == env
+
+
+def test_batch_round_trips_and_rejects_nesting():
+    envs = tuple(Envelope(sender="conn:1", incarnation="i", seq=n, floor=0, ts=1.0, event=e)
+                 for n, e in enumerate(EVENTS, 1))
+    assert protocol.decode(protocol.encode(Batch(envs))) == Batch(envs)
+    with pytest.raises(ProtocolError, match="batch"):
+        protocol.decode(msgpack.packb({"v": protocol.VERSION, "k": "batch", "e": []}))
+    with pytest.raises(ProtocolError, match="batch"):
+        protocol.decode(msgpack.packb({"v": protocol.VERSION, "k": "batch", "e": [{"v": 1, "k": "ack"}]}))
 
 
 def test_ack_round_trips():
