@@ -121,7 +121,7 @@ class Settings:
     max_rejections: int = _setting("MAX_REJECTIONS", 3, _positive_int,
                                    "Rejections in a row (bad password, not authorised, TLS certificate, "
                                    "client id) after which a child gives up.")
-    connect_rate: float = _setting("CONNECT_RATE", 20.0, _positive_float,
+    connect_rate: float = _setting("CONNECT_RATE", 200.0, _positive_float,
                                    "Most connection attempts per second across one monitor's children.")
     stall_after: float = _setting("STALL_AFTER", 900.0, _positive_float,
                                   "Seconds without a message after which a connected connection is taken "
@@ -141,7 +141,7 @@ class Settings:
                                 "it stops reading from its broker.")
     batch_max: int = _setting("BATCH_MAX", 2000, _positive_int,
                               "Most events the logger writes in one transaction.")
-    batch_wait: float = _setting("BATCH_WAIT", 0.05, _non_negative_float,
+    batch_wait: float = _setting("BATCH_WAIT", 0.01, _non_negative_float,
                                  "Seconds the logger waits to fill a batch.")
     db_retry_cap: float = _setting("DB_RETRY_CAP", 30.0, _positive_float,
                                    "Longest pause of the logger between writes to an unreachable database.")

@@ -6,9 +6,13 @@ started and the benchmark polls PostgreSQL until all K are ``connected``
 (the status the logger commits once each child's broker acknowledged its
 subscription). The children are then found as the monitor's descendants
 that hold a TCP connection to the broker, whatever way the monitor starts
-them (today a fresh ``python -m services.connection`` per child; later
-perhaps a fork of a preloaded zygote), and their private memory (USS =
-Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) is read.
+them (a fresh ``python -m services.connection`` per child, or forks of a
+preloaded zygote), and their private memory (USS = Private_Clean +
+Private_Dirty of /proc/PID/smaps_rollup) is read.
+
+Where the services have a cap on connection attempts per second
+(SITELINK_CONNECT_RATE), the same is measured a second time with the cap
+lifted, on a fresh database, to show what the machine does without it.
 
 As baselines, fresh interpreters are measured the same way: a bare
 ``python``, ``python -c 'import paho.mqtt.client, zmq, msgpack'`` and
@@ -18,6 +22,7 @@ without connecting).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,12 +30,15 @@ from pathlib import Path
 import pytest
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, CpuMeter, LineProcess, broker_connection_holders, descendants, env_float,
-                                 env_int, fmt, median, memory, parent_pid, start_time, wait_until_quiet)
+from tests.bench.harness import (PRODUCTION, CpuMeter, LineProcess, broker_connection_holders, descendants,
+                                 env_float, env_int, fmt, median, memory, parent_pid, start_time,
+                                 measure_quietly, wait_until_quiet)
 from tests.conftest import SQL, Stack
 from tests.support import alive, cmdline, wait_for
 
 K = env_int("SITELINK_BENCH_CHILDREN", 200)
+#: Connection attempts per second in the second run, where the setting exists.
+UNCAPPED_RATE = 10000.0
 TIMEOUT = env_float("SITELINK_BENCH_CHILDREN_TIMEOUT", 150.0)
 MIB = 1024.0
 
@@ -63,17 +71,19 @@ def _mem_row(label: str, mems: list[dict]) -> list[str]:
             fmt(median(pss), 1), fmt(median(rss), 1)]
 
 
-def test_children_start_connect_and_memory(bench_db, broker, durable_pg, tmp_path):
+def _measure(bench_db: str, broker, durable_pg, tmp_path: Path, overrides: dict[str, str]) -> dict:
+    """Start the monitor over K active connections; time them to connected; read the children's memory."""
     sql_setup = SQL(bench_db)
     sql_setup.rows("INSERT INTO site (name) SELECT 'kid-' || g FROM generate_series(1, %s) g", K)
     sql_setup.rows("INSERT INTO mqtt_connection (site_id, broker_host, broker_port, topics, keepalive) "
                    "SELECT id, '127.0.0.1', %s, ARRAY['sites/' || name || '/#'], 60 FROM site", broker.port)
     sql_setup.close()
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     stack = Stack(bench_db, broker, tmp_path)
     figures: dict = {}
     try:
-        stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1"})
+        stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1", **overrides})
         wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
 
         def monitor_family() -> list[int]:
@@ -102,8 +112,7 @@ def test_children_start_connect_and_memory(bench_db, broker, durable_pg, tmp_pat
         figures["cpu"], figures["disturbed"] = meter.describe(), meter.disturbed()
         figures["connected"] = connected
         figures["marks"] = marks
-        row = stack.sql.one("SELECT extract(epoch FROM min(last_connected_at))::float8 AS first, "
-                            "extract(epoch FROM max(last_connected_at))::float8 AS last "
+        row = stack.sql.one("SELECT extract(epoch FROM max(last_connected_at))::float8 AS last "
                             "FROM mqtt_connection WHERE status = 'connected'")
         figures["child_clock_last"] = row["last"] - t0 if row and row["last"] else None
 
@@ -132,39 +141,93 @@ def test_children_start_connect_and_memory(bench_db, broker, durable_pg, tmp_pat
         figures["left_behind"] = [p for p in children if alive(p)]
     finally:
         stack.close()
+    uss = [m["uss"] / MIB for m in figures["children"]]
+    print(f"\n[children] {' '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}: "
+          f"{figures['connected']}/{K} connected; all after {fmt(marks.get(K), 2)} s; "
+          f"USS per child median {fmt(median(uss), 1)} MiB, max {fmt(max(uss) if uss else None, 1)} MiB",
+          flush=True)
+    return figures
 
+
+def _connect_rate_setting() -> str | None:
+    """The setting that caps connection attempts per second, if this version has one."""
+    from shared import config
+    for f in dataclasses.fields(config.Settings):
+        if f.name == "connect_rate":
+            return config.PREFIX + f.metadata["env"]
+    return None
+
+
+def _default_rate() -> str:
+    from shared import config
+    for f in dataclasses.fields(config.Settings):
+        if f.name == "connect_rate":
+            return f"{f.default:g}"
+    return ""
+
+
+def test_children_start_connect_and_memory(databases, broker, durable_pg, tmp_path):
+    variants = {"defaults": {}}
+    rate_setting = _connect_rate_setting()
+    if rate_setting:
+        variants[f"{rate_setting}={UNCAPPED_RATE:g}"] = {rate_setting: f"{UNCAPPED_RATE:g}"}
+    attempts = iter(range(1, 100))
+    runs: dict[str, dict] = {}
+    for name, overrides in variants.items():
+        runs[name] = measure_quietly(f"children, {name}", lambda o=overrides: _measure(
+            databases.sitelink(), broker, durable_pg, tmp_path / f"attempt-{next(attempts)}", o))
+    figures = runs["defaults"]
     baselines = {label: _baseline(code, tmp_path) for label, code in BASELINES.items()}
 
     kids = figures["children"]
     uss = [m["uss"] / MIB for m in kids]
-    marks = figures["marks"]
-    all_in = marks.get(K)
-    print(f"\n[children] {figures['connected']}/{K} connected; all after {fmt(all_in, 2)} s; "
-          f"USS per child median {fmt(median(uss), 1)} MiB, max {fmt(max(uss) if uss else None, 1)} MiB", flush=True)
 
     how = figures["how"]
-    mode = ("a fresh interpreter per child (`python -m services.connection --settings-stdin`, "
-            "settings on stdin)" if "services.connection" in how else f"processes with command line `{how}`")
+    if "services.connection" in how:
+        mode = ("a fresh interpreter per child (`python -m services.connection --settings-stdin`, "
+                "settings on stdin)")
+    elif "zygote" in how:
+        mode = f"forks of a preloaded zygote (their command line: `{how}`)"
+    else:
+        mode = f"processes with the command line `{how}`"
     mem_rows = [_mem_row(f"{len(kids)} children as the monitor starts them", kids)]
     mem_rows += [_mem_row(f"fresh interpreter: {label}", mems) for label, mems in baselines.items()]
     extra = ""
     if figures["others"]:
         extra = "\n\nOther descendants of the monitor (no broker connection): " + "; ".join(
             f"pid {p} `{c}` USS {fmt(m['uss'] / MIB if m else None, 1)} MiB" for p, c, m in figures["others"])
-    disturbed = f"\n\n**{figures['disturbed']}**; the timings are less reliable." if figures["disturbed"] else ""
+    disturbed = "".join(f"\n\n**{name}: {f['disturbed']}**; its timings are less reliable."
+                        for name, f in runs.items() if f["disturbed"])
     total_pss = sum(m["pss"] for m in kids) / MIB
-    timing = results.table(["measure", "seconds", "target"], [
-        ["monitor started -> first child spawned", fmt(figures["spawn_first"], 2), ""],
-        ["monitor started -> last child spawned", fmt(figures["spawn_last"], 2), ""],
-        ["monitor started -> first `connected` committed", fmt(marks.get(1), 2), ""],
-        [f"monitor started -> {K // 2} `connected` committed", fmt(marks.get(K // 2), 2), ""],
-        [f"monitor started -> all {K} `connected` committed", f"**{fmt(all_in, 2)}**",
-         f"<= 2 s: {results.verdict(all_in, 2.0, higher_is_better=False)}"],
-        ["monitor started -> last child's own `connected` timestamp", fmt(figures["child_clock_last"], 2), ""],
-        [f"SIGTERM to the monitor -> monitor exited"
-         + (f" ({len(figures['left_behind'])} children still alive then)" if figures["left_behind"]
-            else f" and all {len(kids)} children with it"), fmt(figures["stop_all"], 2), ""],
-    ])
+    names = list(runs)
+
+    def stop_label(f: dict) -> str:
+        return fmt(f["stop_all"], 2) + (f" ({len(f['left_behind'])} children still alive then)"
+                                        if f["left_behind"] else "")
+    timing_rows = [
+        ["monitor started -> first child spawned"] + [fmt(runs[n]["spawn_first"], 2) for n in names] + [""],
+        ["monitor started -> last child spawned"] + [fmt(runs[n]["spawn_last"], 2) for n in names] + [""],
+        ["monitor started -> first `connected` committed"] + [fmt(runs[n]["marks"].get(1), 2) for n in names]
+        + [""],
+        [f"monitor started -> {K // 2} `connected` committed"]
+        + [fmt(runs[n]["marks"].get(K // 2), 2) for n in names] + [""],
+        [f"monitor started -> all {K} `connected` committed"]
+        + [f"**{fmt(runs[n]['marks'].get(K), 2)}**" for n in names]
+        + ["<= 2 s: " + ", ".join(f"{n}: {results.verdict(runs[n]['marks'].get(K), 2.0, higher_is_better=False)}"
+                                  for n in names)],
+        ["monitor started -> last child's own `connected` timestamp"]
+        + [fmt(runs[n]["child_clock_last"], 2) for n in names] + [""],
+        ["SIGTERM to the monitor -> monitor exited (children with it)"] + [stop_label(runs[n]) for n in names]
+        + [""],
+        ["CPU meanwhile (% of one core)"] + [runs[n]["cpu"] for n in names] + [""],
+    ]
+    timing = results.table(["measure (seconds)"] + names + ["target"], timing_rows)
+    rate_note = ""
+    if len(runs) > 1:
+        rate_note = (f"\n\nThe second column lifts the monitor's cap on connection attempts per second "
+                     f"({names[1].split('=')[0]}, default {_default_rate()}), to show what the machine "
+                     f"does without it: with the default, {K} connections cannot all be attempted in "
+                     f"under {K / float(_default_rate() or 1):g} s by design.")
     memory_table = results.table(["processes", "n", "USS median (MiB)", "USS max (MiB)", "PSS median (MiB)",
                                   "RSS median (MiB)"], mem_rows)
     shortfall = ("" if figures["connected"] >= K else
@@ -175,10 +238,11 @@ until all {K} are `connected`. Children found: {len(kids)} (descendants of the
 monitor holding a broker connection), started as {mode}; their parent is
 `{figures['parent']}`.{shortfall}
 
-{timing}
+{timing}{rate_note}
 
-Memory once all are connected (USS = Private_Clean + Private_Dirty from
-/proc/PID/smaps_rollup; baselines: 3 fresh interpreters each, idle):
+Memory of the children started with the defaults, once all are connected (USS =
+Private_Clean + Private_Dirty from /proc/PID/smaps_rollup; baselines: 3 fresh
+interpreters each, idle):
 
 {memory_table}
 
@@ -186,9 +250,8 @@ Target: USS <= 6 MiB per child: median {fmt(median(uss), 1)} MiB,
 max {fmt(max(uss) if uss else None, 1)} MiB, {results.verdict(max(uss) if uss else None, 6.0, higher_is_better=False)}.
 All {len(kids)} children together: {fmt(total_pss, 0)} MiB PSS. The monitor itself: USS
 {fmt(figures['monitor_uss'], 1)} MiB. Machine load just before the monitor started:
-{figures['busy_before']:.2f} cores busy. CPU from the monitor's start until all were connected
-(% of one core): {figures['cpu']}.{disturbed}{extra}
+{', '.join(f"{n} {runs[n]['busy_before']:.2f}" for n in names)} cores busy.{disturbed}{extra}
 """
     results.update_section("Child cost", body)
     print("\n" + body, flush=True)
-    assert figures["connected"] > 0
+    assert all(f["connected"] > 0 for f in runs.values())

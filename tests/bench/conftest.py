@@ -9,8 +9,9 @@ works too: pytest always collects a file it is given.
 
 Fixtures: a durable PostgreSQL for the whole benchmark session (the suite's
 ``pg_server`` runs with SITELINK_PG_FAST, which is not what throughput
-should be measured on), a fresh migrated database per benchmark, and the
-suite's own ``broker`` (tests/conftest.py).
+should be measured on), fresh databases on it (``databases.sitelink()``,
+``databases.scratch()``; a measurement repeated because something else
+disturbed it gets new ones), and the suite's own ``broker`` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -75,19 +76,36 @@ def durable_pg() -> Iterator[DurablePostgresServer]:
         remove_tree(base)
 
 
-@pytest.fixture
-def bench_db(durable_pg: DurablePostgresServer) -> Iterator[str]:
-    """A fresh, migrated database on the durable server."""
-    name = f"sitelink_bench_{os.getpid()}_{next(_numbers)}"
-    durable_pg.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield durable_pg.url(name)
-    durable_pg.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+class Databases:
+    """Fresh databases on the durable server, dropped at the end of the benchmark."""
+
+    def __init__(self, server: DurablePostgresServer):
+        self.server = server
+        self.names: list[str] = []
+
+    def _create(self, prefix: str, template: str) -> str:
+        name = f"{prefix}_{os.getpid()}_{next(_numbers)}"
+        self.server.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+        self.names.append(name)
+        return self.server.url(name)
+
+    def sitelink(self) -> str:
+        """A migrated database, as the services need it."""
+        return self._create("sitelink_bench", TEMPLATE)
+
+    def scratch(self) -> str:
+        """An empty database, for the reference pipelines."""
+        return self._create("bench_scratch", "template1")
+
+    def drop_all(self) -> None:
+        for name in self.names:
+            self.server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
-def scratch_db(durable_pg: DurablePostgresServer) -> Iterator[str]:
-    """An empty database on the durable server, for the reference pipelines."""
-    name = f"bench_scratch_{os.getpid()}_{next(_numbers)}"
-    durable_pg.execute(f"CREATE DATABASE {name}")
-    yield durable_pg.url(name)
-    durable_pg.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def databases(durable_pg: DurablePostgresServer) -> Iterator[Databases]:
+    dbs = Databases(durable_pg)
+    try:
+        yield dbs
+    finally:
+        dbs.drop_all()

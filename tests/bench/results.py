@@ -24,16 +24,17 @@ _HEADING = re.compile(r"^## (.+?)\s*$", re.MULTILINE)
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+                              timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
 def commit() -> str:
     """Short commit, plus the files changed outside tests/bench when the tree is dirty."""
-    sha = _git("rev-parse", "--short", "HEAD") or "unknown"
+    sha = _git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    # Porcelain lines are "XY path": two status letters, a space, the path.
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", ".", ":(exclude)tests/bench").splitlines()
-             if line.strip()]
+             if len(line) > 3]
     if dirty:
         shown = ", ".join(dirty[:8]) + (f", +{len(dirty) - 8} more" if len(dirty) > 8 else "")
         return f"{sha} + uncommitted changes ({shown})"
