@@ -97,6 +97,7 @@ class ConnectionChild:
         self.context = zmq.Context(io_threads=1)
         self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
                                   resend_after=settings.resend_after)
+        self.manual_ack = settings.broker_acks == "after-commit"
         self.setup_error: str | None = None
         try:
             self.client = self._make_client()
@@ -124,11 +125,11 @@ class ConnectionChild:
         c = self.conn
         if c.mqtt_protocol == "5":
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=True)
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=self.manual_ack)
         else:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
                                  clean_session=c.clean_session, protocol=mqtt.MQTTv311,
-                                 reconnect_on_failure=False, manual_ack=True)
+                                 reconnect_on_failure=False, manual_ack=self.manual_ack)
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.use_tls:
@@ -281,7 +282,7 @@ class ConnectionChild:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.last_traffic = time.monotonic()
         self._report(message)
-        if message.qos > 0:
+        if message.qos > 0 and self.manual_ack:
             # Acknowledged to the broker only once the logger has committed
             # what it produced: until then the broker keeps it for us.
             self.broker_acks.append((self.events.last_seq, message.mid, message.qos))

@@ -70,6 +70,12 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _broker_acks(value: str) -> str:
+    if value not in ("after-commit", "on-receipt"):
+        raise ValueError("must be after-commit or on-receipt")
+    return value
+
+
 def _text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -139,6 +145,10 @@ class Settings:
     max_unacked: int = _setting("MAX_UNACKED", 1000, _positive_int,
                                 "Events a child holds that the logger has not committed; at the limit "
                                 "it stops reading from its broker.")
+    broker_acks: str = _setting("BROKER_ACKS", "after-commit", _broker_acks,
+                                "When a child acknowledges a QoS 1/2 message to its broker: after-commit "
+                                "(nothing lost) or on-receipt (paho's default; only to measure the cost "
+                                "of the guarantee).")
     batch_max: int = _setting("BATCH_MAX", 2000, _positive_int,
                               "Most events the logger writes in one transaction.")
     batch_wait: float = _setting("BATCH_WAIT", 0.01, _non_negative_float,
