@@ -88,6 +88,37 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class ReadAheadClient(mqtt.Client):
+    """paho reads each packet with two or three recv() calls of a few bytes;
+    this serves them from one large read, a syscall per burst, not per call."""
+
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ahead = b""
+        self._ahead_at = 0
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes already read from the socket that paho has not consumed yet."""
+        return self._ahead_at < len(self._ahead)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._ahead_at >= len(self._ahead):
+            chunk = super()._sock_recv(self.READ_SIZE)
+            if not chunk:
+                return chunk  # the peer closed the connection
+            self._ahead, self._ahead_at = chunk, 0
+        data = self._ahead[self._ahead_at:self._ahead_at + bufsize]
+        self._ahead_at += len(data)
+        return data
+
+    def _sock_close(self) -> None:
+        self._ahead, self._ahead_at = b"", 0
+        super()._sock_close()
+
+
 class ConnectionChild:
     def __init__(self, settings: config.Settings, conn: ConnectionSettings):
         self.settings = settings
@@ -124,12 +155,13 @@ class ConnectionChild:
     def _make_client(self) -> mqtt.Client:
         c = self.conn
         if c.mqtt_protocol == "5":
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=self.manual_ack)
+            client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                     protocol=mqtt.MQTTv5, reconnect_on_failure=False,
+                                     manual_ack=self.manual_ack)
         else:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 clean_session=c.clean_session, protocol=mqtt.MQTTv311,
-                                 reconnect_on_failure=False, manual_ack=self.manual_ack)
+            client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                     clean_session=c.clean_session, protocol=mqtt.MQTTv311,
+                                     reconnect_on_failure=False, manual_ack=self.manual_ack)
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.use_tls:
@@ -392,11 +424,14 @@ class ConnectionChild:
         timeout = self.events.bound(timeout)
         sock = self.client.socket()
         paused = self.paused
+        buffered = sock is not None and not paused and self.client.buffered
+        if buffered:
+            timeout = 0.0  # packets already read wait for paho: no sleeping
         self._watch(sock, (0 if paused or sock is None else zmq.POLLIN)
                     | (zmq.POLLOUT if sock is not None and self.client.want_write() else 0))
         ready = dict(self.poller.poll(timeout * 1000))
         if sock is not None:
-            if (ready.get(sock, 0) | ready.get(sock.fileno(), 0)) & zmq.POLLIN:
+            if buffered or (ready.get(sock, 0) | ready.get(sock.fileno(), 0)) & zmq.POLLIN:
                 self._read_burst(sock)
             if self.client.socket() is not None and self.client.want_write():
                 self.client.loop_write()
@@ -441,6 +476,8 @@ class ConnectionChild:
             current = self.client.socket()
             if current is not sock or self.paused:
                 return
+            if self.client.buffered:
+                continue
             pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
             if not (pending is not None and pending()) and not ready.poll(0):
                 return

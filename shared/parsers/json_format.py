@@ -27,10 +27,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once, not per message
+
+
 @register("json")
 def parse(payload: bytes, topic: str) -> list[Record]:
     try:
-        doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        doc = _DECODER.decode(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise PayloadParseError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except (ValueError, RecursionError) as exc:
