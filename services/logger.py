@@ -238,7 +238,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome)
         dl = datalogger_id.get((gw, ev.datalogger)) if ev.datalogger is not None else None
         for name, metrics in ev.sensors.items():
             sensor_ids.append(sensor_id[(gw, dl, name)])
-            stamps.append(_at(ev.ts))
+            stamps.append(ev.ts)
             values.append(json.dumps(metrics, allow_nan=False))
     s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
 

@@ -201,9 +201,10 @@ SELECT up.id, up.gateway_id, up.datalogger_id, up.name, g.site_id,
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
 -- name: insert_readings
+-- The hot path: arrays passed in binary, timestamps as epoch seconds.
 INSERT INTO reading (sensor_id, ts, "values")
-SELECT sensor_id, ts, v::jsonb
-FROM unnest(%(sensor_ids)s::bigint[], %(ts)s::timestamptz[], %(values)s::text[]) AS u(sensor_id, ts, v)
+SELECT sensor_id, to_timestamp(ts), v::jsonb
+FROM unnest(%(sensor_ids)b::bigint[], %(ts)b::float8[], %(values)b::text[]) AS u(sensor_id, ts, v)
 ON CONFLICT (sensor_id, ts) DO NOTHING;
 
 -- name: stream_floors
