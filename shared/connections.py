@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class ConnectionSettings:
         """Names (never values) of the broker settings that differ from ``other``."""
         return [name for name in BROKER_FIELDS if getattr(self, name) != getattr(other, name)]
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Digest of the broker settings: a different one means restart the child."""
         digest = hashlib.sha256()
