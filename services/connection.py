@@ -119,6 +119,25 @@ class ReadAheadClient(mqtt.Client):
         super()._sock_close()
 
 
+def new_client(c: ConnectionSettings, settings: config.Settings, *, clean_session: bool,
+               manual_ack: bool) -> ReadAheadClient:
+    """A paho client for these settings: protocol, credentials, TLS, timeout."""
+    if c.mqtt_protocol == "5":
+        # MQTT 5 has no clean_session here: clean_start and the session expiry go with connect().
+        client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=manual_ack)
+    else:
+        client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
+                                 clean_session=clean_session, protocol=mqtt.MQTTv311,
+                                 reconnect_on_failure=False, manual_ack=manual_ack)
+    if c.username is not None:
+        client.username_pw_set(c.username, c.password)
+    if c.use_tls:
+        client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
+    client.connect_timeout = settings.connect_timeout
+    return client
+
+
 class ConnectionChild:
     def __init__(self, settings: config.Settings, conn: ConnectionSettings):
         self.settings = settings
@@ -153,20 +172,8 @@ class ConnectionChild:
         self.exit_code = exitcodes.OK
 
     def _make_client(self) -> mqtt.Client:
-        c = self.conn
-        if c.mqtt_protocol == "5":
-            client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                     protocol=mqtt.MQTTv5, reconnect_on_failure=False,
-                                     manual_ack=self.manual_ack)
-        else:
-            client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                     clean_session=c.clean_session, protocol=mqtt.MQTTv311,
-                                     reconnect_on_failure=False, manual_ack=self.manual_ack)
-        if c.username is not None:
-            client.username_pw_set(c.username, c.password)
-        if c.use_tls:
-            client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
-        client.connect_timeout = self.settings.connect_timeout
+        client = new_client(self.conn, self.settings, clean_session=self.conn.clean_session,
+                            manual_ack=self.manual_ack)
         client.enable_logger(logging.getLogger("paho.mqtt"))  # routed into loguru
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -386,17 +393,7 @@ class ConnectionChild:
         the persistent one starts: done when the topics changed, since MQTT
         cannot list a session's subscriptions to remove the stale ones."""
         c = self.conn
-        if c.mqtt_protocol == "5":
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 protocol=mqtt.MQTTv5)
-        else:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 clean_session=True, protocol=mqtt.MQTTv311)
-        if c.username is not None:
-            client.username_pw_set(c.username, c.password)
-        if c.use_tls:
-            client.tls_set(ca_certs=c.tls_ca_path or None, cert_reqs=ssl.CERT_REQUIRED)
-        client.connect_timeout = self.settings.connect_timeout
+        client = new_client(c, self.settings, clean_session=True, manual_ack=False)
         done: list[bool] = []
         client.on_connect = lambda *args: done.append(True)
         try:

@@ -32,9 +32,7 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
        c.is_active, c.status, c.mqtt_next_retry, c.claimed_by,
-       md5(row(c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
-               c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
-               c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session)::text) AS config_hash,
+       md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        (c.claimed_by IS NULL OR c.claimed_by = %(me)s OR c.claim_expires_at < now()) AS is_claimable
 FROM mqtt_connection c

@@ -18,6 +18,14 @@ ALTER TABLE mqtt_connection
     ADD COLUMN claimed_by text,
     ADD COLUMN claim_expires_at timestamptz;
 
+-- A connection's configuration: everything whose change restarts its child.
+-- The one list of those columns, for the triggers below and the monitor.
+CREATE FUNCTION mqtt_connection_config(c mqtt_connection) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT row(c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
+               c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
+               c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session)::text
+$$;
+
 -- Any change of the configuration (or is_active) clears the retry state, so
 -- a fixed row connects at once instead of waiting out a cool-down.
 CREATE FUNCTION mqtt_connection_reset_retry() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -29,34 +37,16 @@ END $$;
 
 CREATE TRIGGER mqtt_connection_reset_retry BEFORE UPDATE ON mqtt_connection
     FOR EACH ROW
-    WHEN (
-        (OLD.site_id, OLD.broker_host, OLD.broker_port, OLD.username, OLD.password,
-         OLD.client_id, OLD.keepalive, OLD.use_tls, OLD.tls_ca_path, OLD.topics,
-         OLD.qos, OLD.parser_name, OLD.is_active, OLD.stall_after, OLD.ping_timeout,
-         OLD.mqtt_protocol, OLD.clean_session)
-        IS DISTINCT FROM
-        (NEW.site_id, NEW.broker_host, NEW.broker_port, NEW.username, NEW.password,
-         NEW.client_id, NEW.keepalive, NEW.use_tls, NEW.tls_ca_path, NEW.topics,
-         NEW.qos, NEW.parser_name, NEW.is_active, NEW.stall_after, NEW.ping_timeout,
-         NEW.mqtt_protocol, NEW.clean_session)
-    )
+    WHEN (mqtt_connection_config(OLD) IS DISTINCT FROM mqtt_connection_config(NEW)
+          OR OLD.is_active IS DISTINCT FROM NEW.is_active)
     EXECUTE FUNCTION mqtt_connection_reset_retry();
 
 -- The NOTIFY on update now covers the new settings too.
 DROP TRIGGER mqtt_connection_notify_update ON mqtt_connection;
 CREATE TRIGGER mqtt_connection_notify_update AFTER UPDATE ON mqtt_connection
     FOR EACH ROW
-    WHEN (
-        (OLD.site_id, OLD.broker_host, OLD.broker_port, OLD.username, OLD.password,
-         OLD.client_id, OLD.keepalive, OLD.use_tls, OLD.tls_ca_path, OLD.topics,
-         OLD.qos, OLD.parser_name, OLD.is_active, OLD.stall_after, OLD.ping_timeout,
-         OLD.mqtt_protocol, OLD.clean_session)
-        IS DISTINCT FROM
-        (NEW.site_id, NEW.broker_host, NEW.broker_port, NEW.username, NEW.password,
-         NEW.client_id, NEW.keepalive, NEW.use_tls, NEW.tls_ca_path, NEW.topics,
-         NEW.qos, NEW.parser_name, NEW.is_active, NEW.stall_after, NEW.ping_timeout,
-         NEW.mqtt_protocol, NEW.clean_session)
-    )
+    WHEN (mqtt_connection_config(OLD) IS DISTINCT FROM mqtt_connection_config(NEW)
+          OR OLD.is_active IS DISTINCT FROM NEW.is_active)
     EXECUTE FUNCTION mqtt_connection_notify();
 
 CREATE INDEX mqtt_connection_claimed_by_idx ON mqtt_connection (claimed_by) WHERE claimed_by IS NOT NULL;

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, CpuMeter, LineProcess, broker_connection_holders, descendants,
-                                 env_float, env_int, fmt, median, memory, parent_pid, start_time,
-                                 measure_quietly, wait_until_quiet)
+from tests.bench.harness import (CpuMeter, LineProcess, broker_connection_holders, default, descendants,
+                                 env_float, env_int, fmt, measure_quietly, median, memory, parent_pid,
+                                 service_defaults, start_time, wait_until_quiet)
 from tests.conftest import SQL, Stack
 from tests.support import alive, cmdline, wait_for
 
@@ -83,7 +83,8 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path, overrides: dict[
     stack = Stack(bench_db, broker, tmp_path)
     figures: dict = {}
     try:
-        stack.start("logger", **{**PRODUCTION, "SITELINK_MONITOR_INTERVAL": "1", **overrides})
+        service_defaults(stack, SITELINK_MONITOR_INTERVAL="1", **overrides)
+        stack.start("logger")
         wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
 
         def monitor_family() -> list[int]:
@@ -158,14 +159,6 @@ def _connect_rate_setting() -> str | None:
     return None
 
 
-def _default_rate() -> str:
-    from shared import config
-    for f in dataclasses.fields(config.Settings):
-        if f.name == "connect_rate":
-            return f"{f.default:g}"
-    return ""
-
-
 def test_children_start_connect_and_memory(databases, broker, durable_pg, tmp_path):
     variants = {"defaults": {}}
     rate_setting = _connect_rate_setting()
@@ -224,10 +217,11 @@ def test_children_start_connect_and_memory(databases, broker, durable_pg, tmp_pa
     timing = results.table(["measure (seconds)"] + names + ["target"], timing_rows)
     rate_note = ""
     if len(runs) > 1:
+        variable = names[1].split("=")[0]
+        rate = float(default(variable))
         rate_note = (f"\n\nThe second column lifts the monitor's cap on connection attempts per second "
-                     f"({names[1].split('=')[0]}, default {_default_rate()}), to show what the machine "
-                     f"does without it: with the default, {K} connections cannot all be attempted in "
-                     f"under {K / float(_default_rate() or 1):g} s by design.")
+                     f"({variable}, default {rate:g}), to show what the machine does without it: with "
+                     f"the default, {K} connections cannot all be attempted in under {K / rate:g} s by design.")
     memory_table = results.table(["processes", "n", "USS median (MiB)", "USS max (MiB)", "PSS median (MiB)",
                                   "RSS median (MiB)"], mem_rows)
     shortfall = ("" if figures["connected"] >= K else

@@ -30,9 +30,9 @@ import pytest
 import zmq
 
 from tests.bench import results
-from tests.bench.harness import (PRODUCTION, CpuMeter, WARMUP, broker_connection_holders, descendants,
+from tests.bench.harness import (WARMUP, CpuMeter, default, broker_connection_holders, descendants,
                                  env_int, fmt, go, measure_quietly, median, percentile, publishers,
-                                 wait_until_quiet)
+                                 service_defaults, wait_until_quiet)
 from tests.conftest import Stack
 from tests.support import alive, wait_for
 
@@ -122,7 +122,8 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
     figures: dict = {}
     try:
         load_cid = stack.sql.add_site("load", port=broker.port, keepalive=60)
-        stack.start("logger", "monitor", **PRODUCTION)
+        service_defaults(stack, SITELINK_MONITOR_INTERVAL="30")
+        stack.start("logger", "monitor")
         stack.sql.wait_status(load_cid, "connected", timeout=60)
         load_pid = _flip_child(stack, broker, None)
         flip_cid = stack.sql.add_site("flip", port=broker.port, keepalive=60)
@@ -196,14 +197,14 @@ notes the arrival time of each message. The second of two sites is
 flipped `is_active` off and on; for each `connected`/`disconnected` message of
 that connection, latency = receipt time - the body's `timestamp` (the child's
 own event time). Each "off" waits for the old child to exit, so each "on"
-starts a new child; monitor interval 30 s (the default), so activations come
-from NOTIFY. Under load, the first site receives, for the whole phase, one
+starts a new child; the services' defaults, with SITELINK_MONITOR_INTERVAL=30,
+so activations come from NOTIFY. Under load, the first site receives, for the whole phase, one
 publisher as in "Ingest throughput" (QoS 1, as fast as it can).
 
 {table}
 
 The event -> receipt time covers: child -> logger (ZeroMQ), the logger's batch
-wait (SITELINK_BATCH_WAIT, 50 ms by default) and commit, then the PUB/SUB hop.
+wait (SITELINK_BATCH_WAIT, {default('SITELINK_BATCH_WAIT')} s by default) and commit, then the PUB/SUB hop.
 Machine load just before each phase (cores busy over 1 s): idle {busy['idle']:.2f},
 under load {busy['load']:.2f} (before the publisher started). CPU during the flips
 (% of one core): idle: {figures['cpu']['idle']}; under load: {figures['cpu']['load']}.

@@ -7,7 +7,7 @@ SITELINK_BENCH_SECONDS to a pipeline subscribed on the same broker and
 writing to the same durable PostgreSQL:
 
 - sitelink: the real logger + monitor + child (tests/conftest.py Stack, with
-  the services' production defaults for batching, resends and log level);
+  the services' own defaults: the suite's short intervals and DEBUG logging removed);
 - bare: tests/bench/reference_bare.py (paho -> json -> one writer thread COPYing batches);
 - naive: tests/bench/reference_naive.py (paho -> one INSERT + COMMIT per message);
 - sitelink with 4 sites, 4 publishers at once.
@@ -36,9 +36,10 @@ import psycopg
 import pytest
 
 from tests.bench import results
-from tests.bench.harness import (BENCH_DIR, DRAIN, PRODUCTION, PUBLISH_RATE, SECONDS, WARMUP, WINDOW, CpuMeter,
-                                 LineProcess, describe_broker, describe_pg, descendants, env_int, fmt, go, median,
-                                 measure_quietly, peak_rss, publishers, summaries, wait_until_quiet)
+from tests.bench.harness import (BENCH_DIR, DRAIN, PUBLISH_RATE, SECONDS, WARMUP, WINDOW, CpuMeter, LineProcess,
+                                 default, describe_broker, describe_pg, descendants, env_int, fmt, go, median,
+                                 measure_quietly, peak_rss, publishers, service_defaults, summaries,
+                                 wait_until_quiet)
 from tests.conftest import Stack
 
 #: sitelink and the bare reference run this many times each (alternating); the ratio uses their medians.
@@ -147,11 +148,13 @@ def _stack_groups(stack: Stack, broker, pg) -> dict:
     }
 
 
-def _sitelink(name: str, sites: int, bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
+def _sitelink(name: str, sites: int, bench_db: str, broker, durable_pg, tmp_path: Path,
+              overrides: dict[str, str] | None = None) -> dict:
     stack = Stack(bench_db, broker, tmp_path)
     try:
         ids = [stack.sql.add_site(f"ingest-{i}", port=broker.port, keepalive=60) for i in range(1, sites + 1)]
-        stack.start("logger", "monitor", **PRODUCTION)
+        service_defaults(stack, **(overrides or {}))
+        stack.start("logger", "monitor")
         for cid in ids:
             stack.sql.wait_status(cid, "connected", timeout=60)
         specs = [(broker.port, f"sites/ingest-{i}/GW-{i:02d}/DL-07", f"GW-{i:02d}") for i in range(1, sites + 1)]
@@ -183,10 +186,15 @@ def _reference(name: str, kind: str, script: str, scratch_db: str, broker, durab
 
 #: The runs, in order: sitelink and the bare reference alternate, so that a
 #: slow patch of the machine does not fall on one pipeline only.
+#: SITELINK_BROKER_ACKS=on-receipt (where the setting exists) runs sitelink with
+#: paho's automatic acks, as the references do: the same pipeline without the
+#: after-commit guarantee, to measure what the guarantee costs.
+ON_RECEIPT = default("SITELINK_BROKER_ACKS") != "?"
 PIPELINES = {
     "sitelink": "sitelink, 1 site (logger + monitor + child)",
     "bare": "bare reference (paho -> json -> COPY batches)",
     "naive": "naive reference (INSERT + COMMIT per message)",
+    "sitelink-on-receipt": "sitelink, 1 site, SITELINK_BROKER_ACKS=on-receipt",
     "sitelink-4": "sitelink, 4 sites, 4 publishers",
 }
 RUNS = []
@@ -194,6 +202,8 @@ for _round in range(1, ROUNDS + 1):
     RUNS += [("sitelink", _round), ("bare", _round)]
     if _round == 1:
         RUNS.append(("naive", _round))
+        if ON_RECEIPT:
+            RUNS.append(("sitelink-on-receipt", _round))
 RUNS.append(("sitelink-4", 1))
 
 
@@ -211,6 +221,9 @@ def test_ingest(pipeline, round_, databases, broker, durable_pg, tmp_path):
             return _sitelink(name, 1, databases.sitelink(), broker, durable_pg, tmp)
         if pipeline == "sitelink-4":
             return _sitelink(name, 4, databases.sitelink(), broker, durable_pg, tmp)
+        if pipeline == "sitelink-on-receipt":
+            return _sitelink(name, 1, databases.sitelink(), broker, durable_pg, tmp,
+                             {"SITELINK_BROKER_ACKS": "on-receipt"})
         if pipeline == "bare":
             return _reference(name, "bare", "reference_bare.py", databases.scratch(), broker, durable_pg, tmp,
                               "bare_reading")
@@ -258,6 +271,8 @@ def test_report():
          "CPU over the window (% of one core)", "peak RSS (MiB)"], rows)
     bare, naive = _ratio("sitelink", "bare"), _ratio("sitelink", "naive")
     four = _ratio("sitelink-4", "sitelink")
+    guarantee = _ratio("sitelink", "sitelink-on-receipt")
+    on_receipt_bare = _ratio("sitelink-on-receipt", "bare")
     per_round = [f"{FIGURES[f'sitelink #{r}']['rate'] / FIGURES[f'bare #{r}']['rate']:.2f}"
                  for r in range(1, ROUNDS + 1) if f"sitelink #{r}" in FIGURES and f"bare #{r}" in FIGURES]
     ratios = results.table(["ratio (same run; medians of the runs)", "measured", "target", ""], [
@@ -265,7 +280,15 @@ def test_report():
          ">= 0.7", results.verdict(bare, 0.7)],
         ["sitelink / naive", fmt(naive, 1), ">= 5", results.verdict(naive, 5)],
         ["sitelink 4 sites / sitelink 1 site", fmt(four, 2), "(none)", ""],
-    ])
+    ] + ([
+        ["sitelink after-commit acks / sitelink on-receipt acks (what the guarantee costs)", fmt(guarantee, 2),
+         "(none)", ""],
+        ["sitelink on-receipt acks / bare (same ack policy as the reference)", fmt(on_receipt_bare, 2), "(none)",
+         ""],
+    ] if ON_RECEIPT else []))
+    settings = ", ".join(f"{v} {default(v)}" for v in (
+        "SITELINK_BATCH_MAX", "SITELINK_BATCH_WAIT", "SITELINK_MAX_UNACKED", "SITELINK_BROKER_ACKS",
+        "SITELINK_RESEND_AFTER", "SITELINK_LOG_LEVEL") if default(v) != "?")
     body = f"""`tests/bench/bench_ingest.py`: committed `reading` rows per second.
 
 Setup: {NOTES.get('pg', 'PostgreSQL (durable)')}; the suite's Mosquitto
@@ -273,8 +296,7 @@ Setup: {NOTES.get('pg', 'PostgreSQL (durable)')}; the suite's Mosquitto
 separate process (paho-mqtt, QoS 1, publish() without waiting, at most
 {WINDOW} messages in flight, {'as fast as it can' if not PUBLISH_RATE else f'at most {PUBLISH_RATE:g} msg/s'}) sending
 the documented JSON format with a unique `ts` per message (one new row each)
-for {SECONDS:g} s. sitelink runs with the services' defaults (batch of
-2000, batch wait 50 ms, resend after 5 s, log level INFO). The rate counts
+for {SECONDS:g} s. sitelink runs with the services' own defaults ({settings}). The rate counts
 rows by `received_at` (the writing transaction's `now()`) between
 {WARMUP:g} s after the first publish and the last publish. Publishers, broker,
 pipeline and PostgreSQL share the {os.cpu_count()} cores. sitelink and the bare

@@ -40,7 +40,7 @@ def env_int(name: str, default: int) -> int:
 #: How long each publisher sends (s), and the other knobs of every benchmark.
 SECONDS = env_float("SITELINK_BENCH_SECONDS", 20.0)
 WARMUP = env_float("SITELINK_BENCH_WARMUP", 2.0)
-DRAIN = env_float("SITELINK_BENCH_DRAIN", 20.0)
+DRAIN = env_float("SITELINK_BENCH_DRAIN", 15.0)
 WINDOW = env_int("SITELINK_BENCH_WINDOW", 1000)
 PUBLISH_RATE = env_float("SITELINK_BENCH_PUBLISH_RATE", 0.0)  # msg/s per publisher, 0 = as fast as possible
 QUIET_WAIT = env_float("SITELINK_BENCH_QUIET_WAIT", 120.0)  # s to wait for other load to end before a run
@@ -49,19 +49,28 @@ DISTURBED = 0.3
 #: How many times a disturbed measurement is repeated.
 RETRIES = env_int("SITELINK_BENCH_RETRIES", 1)
 
-#: The services' own defaults for what matters to performance. The test
-#: suite's Stack shortens intervals and logs at DEBUG; a benchmark measures
-#: what runs in production.
-PRODUCTION = {
-    "SITELINK_LOG_LEVEL": "INFO",
-    "SITELINK_BATCH_WAIT": "0.05",
-    "SITELINK_BATCH_MAX": "2000",
-    "SITELINK_RESEND_AFTER": "5",
-    "SITELINK_ACK_LINGER": "3",
-    "SITELINK_STOP_GRACE": "5",
-    "SITELINK_CONNECT_TIMEOUT": "10",
-    "SITELINK_MONITOR_INTERVAL": "30",
-}
+#: What a benchmark's Stack keeps of the test suite's environment: where
+#: things are. Every other SITELINK_ setting (the suite shortens intervals and
+#: logs at DEBUG) is removed, so the services run with their own defaults,
+#: whatever those are at the commit measured.
+WHERE = ("SITELINK_HOME", "SITELINK_DATABASE_URL", "SITELINK_EVENTS_ENDPOINT", "SITELINK_STATUS_FEED",
+         "SITELINK_LOG_DIR")
+
+
+def service_defaults(stack, **overrides: str) -> None:
+    """Reset ``stack``'s environment to the services' defaults, plus ``overrides``."""
+    for key in [k for k in stack.env if k.startswith("SITELINK_") and k not in WHERE]:
+        del stack.env[key]
+    stack.env.update(overrides)
+
+
+def default(variable: str) -> str:
+    """The services' default for ``variable`` (e.g. SITELINK_BATCH_WAIT), as documented by shared.config."""
+    from shared import config
+    for name, value, _ in config.documentation():
+        if name == variable:
+            return value
+    return "?"
 
 
 # ------------------------------------------------------------ durable PostgreSQL
@@ -281,6 +290,17 @@ def measure_quietly(what: str, measure: Callable[[], T]) -> T:
     return result
 
 
+def _all_processes() -> dict[int, int]:
+    """Every process in /proc: pid -> parent pid."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                found[int(entry)] = int(fields[1])
+    return found
+
+
 class CpuMeter:
     """CPU seconds used per group of processes between ``start()`` and ``stop()``.
 
@@ -289,12 +309,22 @@ class CpuMeter:
     their parent (a process's figure includes the children it reaped), so a
     group should hold the parents of short-lived processes (the monitor, the
     postmaster).
+
+    Besides the groups it measures the same way every other process that is
+    not this benchmark's (not this process or a descendant): someone else's
+    load, which makes a measurement ``disturbed()``. What remains of the
+    machine's busy time (/proc/stat) is the kernel's own, charged to no
+    process; it is shown but is no disturbance (creating 200 processes costs
+    the kernel much of it).
     """
+
+    FOREIGN = "other processes"
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]):
         self.groups = groups
         self._start: dict[str, dict[int, float]] = {}
         self.used: dict[str, float] = {}
+        self.foreign = 0.0
         self.seconds = 0.0
         self._t0 = 0.0
         self._busy0 = 0.0
@@ -308,6 +338,17 @@ class CpuMeter:
                 cpu = cpu_seconds(pid)
                 if cpu is not None:
                     out[name][pid] = cpu
+        processes = _all_processes()
+        mine, frontier = {os.getpid()}, [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            kids = [p for p, pp in processes.items() if pp == parent]
+            mine.update(kids)
+            frontier += kids
+        out[self.FOREIGN] = {}
+        for pid in processes:
+            if pid not in mine and (cpu := cpu_seconds(pid)) is not None:
+                out[self.FOREIGN][pid] = cpu
         return out
 
     def start(self) -> None:
@@ -324,18 +365,22 @@ class CpuMeter:
             # A process gone by now was reaped by its parent, whose figure now holds
             # its whole life: take off what it had used before the start.
             gone = sum(cpu for pid, cpu in before.items() if pid not in pids)
-            self.used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items()) - gone
+            used = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items()) - gone
+            if name == self.FOREIGN:
+                self.foreign = max(used, 0.0)
+            else:
+                self.used[name] = used
         return self.used
 
     @property
     def other(self) -> float:
-        """Cores used by anything outside the groups (the kernel, this process, other users)."""
-        return (self.system - sum(self.used.values())) / self.seconds if self.seconds else 0.0
+        """Cores used by other processes than the benchmark's."""
+        return self.foreign / self.seconds if self.seconds else 0.0
 
     def disturbed(self, threshold: float = DISTURBED) -> str:
-        """A warning when something outside the benchmark used more than ``threshold`` cores."""
+        """A warning when other processes than the benchmark's used more than ``threshold`` cores."""
         if self.other > threshold:
-            return (f"disturbed: {self.other:.2f} cores used outside the benchmark's processes "
+            return (f"disturbed: other processes than the benchmark's used {self.other:.2f} cores "
                     f"during the measurement")
         return ""
 
@@ -343,8 +388,9 @@ class CpuMeter:
         if not self.seconds:
             return ""
         parts = [f"{name} {100 * used / self.seconds:.0f}%" for name, used in self.used.items()]
-        other = self.system - sum(self.used.values())
-        parts.append(f"other (kernel, the bench, anything else) {100 * other / self.seconds:.0f}%")
+        kernel = self.system - sum(self.used.values()) - self.foreign
+        parts.append(f"other processes {100 * self.foreign / self.seconds:.0f}%")
+        parts.append(f"kernel and this bench {100 * kernel / self.seconds:.0f}%")
         parts.append(f"machine {100 * self.system / self.seconds:.0f}% of {os.cpu_count() * 100}%")
         return ", ".join(parts)
 
