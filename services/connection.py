@@ -92,7 +92,7 @@ class ReadAheadClient(mqtt.Client):
     """paho reads each packet with two or three recv() calls of a few bytes;
     this serves them from one large read, a syscall per burst, not per call."""
 
-    READ_SIZE = 256 * 1024
+    READ_SIZE = 64 * 1024  # a burst's worth; each read is a new bytes object
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

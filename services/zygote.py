@@ -43,6 +43,7 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     if not process.die_with(monitor_pid, signal.SIGTERM, wait=0):
         return exitcodes.ORPHANED
     settings = config.load()
+    _warm_up(connection, protocol, ConnectionSettings, settings)
     gc.collect()
     gc.freeze()  # children share these pages instead of copying them on the first GC
     while True:
@@ -59,6 +60,23 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
             print(f"sitelink zygote: cannot fork: {exc}", file=sys.stderr, flush=True)
             pid = -1
         control.send(PID.pack(pid))
+
+
+def _warm_up(connection, protocol, settings_cls, settings) -> None:
+    """Run the code paths every child runs once, so that what they import or
+    build lazily is loaded here, once, and shared, not in each child."""
+    from shared import parsers
+    from shared.protocol import Batch, Data, Envelope
+
+    sample = settings_cls(connection_id=0, site_id=0, broker_host="localhost", broker_port=1883,
+                          username="u", password="p")
+    protocol.decode_settings(protocol.encode_settings(sample), settings_cls)
+    _ = sample.fingerprint, sample.problems()
+    connection.new_client(sample, settings, clean_session=False, manual_ack=True)
+    [record] = parsers.get("json")(b'{"gateway": "G", "ts": 1795860000, "sensors": {"S": {"t": 1}}}', "t")
+    event = Data(connection_id=0, topic="t", gateway=record.gateway, ts=record.ts, sensors=record.sensors)
+    envelope = Envelope(sender="s", incarnation="i", seq=1, floor=0, ts=0.0, event=event)
+    protocol.decode(protocol.encode(Batch((envelope, envelope))))
 
 
 def _fork_child(run) -> int:
