@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import zmq
 from loguru import logger
 
-from shared import backoff, config, db, logs, protocol
+from shared import backoff, config, db, logs, process, protocol
 from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
                              ParseFailure, StatusChange)
 from shared.signals import SignalPipe
@@ -540,6 +540,7 @@ def main() -> int:
     except config.ConfigError as exc:
         print(f"sitelink logger: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    process.raise_fd_limit()
     logs.setup("logger", settings.log_level, channel_dir=settings.log_dir)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-logger").close()

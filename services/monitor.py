@@ -567,6 +567,7 @@ def main() -> int:
     except config.ConfigError as exc:
         print(f"sitelink monitor: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    process.raise_fd_limit()
     logs.setup("monitor", settings.log_level)
     try:
         database = db.wait_until_ready(settings.database_url, "sitelink-monitor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import time
 
 PR_SET_PDEATHSIG = 1
@@ -48,3 +49,20 @@ def die_with(parent_pid: int, sig: int, wait: float = 2.0) -> bool:
         time.sleep(0.001)
     _call(PR_SET_PDEATHSIG, sig)
     return os.getppid() == parent_pid  # it may have died before the prctl
+
+
+def raise_fd_limit() -> int:
+    """Lift our soft limit on open files to the hard limit; return the new soft limit.
+
+    The logger holds a connection per child and the monitor's children
+    inherit its limit: 1000 sites need more than the usual soft 1024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft
