@@ -23,13 +23,12 @@ from datetime import datetime, timezone
 import zmq
 from loguru import logger
 
-from shared import backoff, config, db, logs, process, protocol
+from shared import backoff, config, db, exitcodes, logs, process, protocol
 from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
                              ParseFailure, StatusChange)
 from shared.signals import SignalPipe
 
 PAYLOAD_SAMPLE_CHARS = 5000
-EXIT_CONFIG = 78  # EX_CONFIG: bad settings or a database that needs migrating
 STREAM_IDLE_FORGET = 3600.0
 #: How long the committed floor of a sender process is kept in the database
 #: (long after any process could re-send).
@@ -539,19 +538,19 @@ def main() -> int:
         settings = config.load()
     except config.ConfigError as exc:
         print(f"sitelink logger: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     process.raise_fd_limit()
     logs.setup("logger", settings.log_level, channel_dir=settings.log_dir)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-logger").close()
     except db.SchemaBehind as exc:
         logger.error("{}", exc)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     try:
         service = LoggerService(settings)
     except zmq.ZMQError as exc:
         logger.error("cannot bind {} / {}: {}", settings.events_endpoint, settings.status_feed, exc)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     service.run()
     return 0
 

@@ -1,4 +1,5 @@
-"""Exit codes reserved between the monitor and its children.
+"""Reserved exit codes: between the monitor and its children, and CONFIG for any
+service that cannot start as configured (supervisord shows the code).
 
 Like gunicorn's boot and app-load errors: they tell the monitor not to
 restart a child that cannot come up as things stand.
