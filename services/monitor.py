@@ -97,6 +97,7 @@ class Monitor:
         self.fresh: set[int] = set()  # changed or re-activated: start regardless of retry state
         self.reset_sessions: set[int] = set()  # topics changed: drop the broker's old session once
         self.renewed_at = time.monotonic()
+        self.renew_now = True  # claim state unknown until the first renewal
         self.attempt_slots = attempts.create()
         # Children are forked by the zygote and adopted by us: we reap them and
         # are their parent for PR_SET_PDEATHSIG.
@@ -218,7 +219,7 @@ class Monitor:
         started_at = time.monotonic()
         try:
             with self.db.transaction() as s:
-                rows = s.rows("monitor_connections", {"me": self.instance_id})
+                rows = s.rows("monitor_connections", {"me": self.instance_id, "running": list(self.children)})
         except db.DatabaseError as exc:
             logger.warning("monitor {}: cannot read connections ({}); children keep running",
                            self.instance_id, exc)
@@ -359,6 +360,11 @@ class Monitor:
         return set(self.children) | {cid for cid, h in self.holds.items() if h.until > now}
 
     def _renew_claims(self) -> None:
+        # Renewing rewrites every claimed row: once a third of the lease has
+        # passed is often enough, whatever wakes the cycles (NOTIFY) meanwhile.
+        if time.monotonic() - self.renewed_at < self.settings.claim_lease / 3 and not self.renew_now:
+            return
+        self.renew_now = False
         keep = self._claimed()
         try:
             with self.db.transaction() as s:

@@ -36,6 +36,9 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        (c.claimed_by IS NULL OR c.claimed_by = %(me)s OR c.claim_expires_at < now()) AS is_claimable
 FROM mqtt_connection c
+-- An inactive, disconnected row nobody runs needs nothing: of 10,000 rows
+-- mostly inactive, the cycle reads only those it may act on.
+WHERE c.is_active OR c.status <> 'disconnected' OR c.id = ANY(%(running)s)
 ORDER BY c.id;
 
 -- name: connection_settings
