@@ -188,3 +188,24 @@ def publisher(broker: Mosquitto) -> Iterator[Publisher]:
     pub = Publisher(broker.port)
     yield pub
     pub.close()
+
+
+@pytest.fixture
+def own_postgres(broker: Mosquitto, tmp_path: Path) -> Iterator[tuple[PostgresServer, Stack]]:
+    """A PostgreSQL of this test alone (to stop and start), migrated, with a Stack on it."""
+    base = world_traversable_tmpdir("sitelink-test-own-pg-")
+    server = PostgresServer(base)
+    server.start()
+    stack = None
+    try:
+        server.execute("CREATE DATABASE sitelink")
+        database = db.Database(server.url("sitelink"), "sitelink-test-migrate")
+        db.migrate(database)
+        database.close()
+        stack = Stack(server.url("sitelink"), broker, tmp_path)
+        yield server, stack
+    finally:
+        if stack is not None:
+            stack.close()
+        server.stop()
+        remove_tree(base)

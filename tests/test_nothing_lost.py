@@ -12,11 +12,10 @@ import paho.mqtt.client as mqtt
 import pytest
 import zmq
 
-from shared import db, protocol
+from shared import protocol
 from shared.protocol import Ack, Batch, Data, Envelope
 from tests.conftest import Stack
-from tests.support import (Mosquitto, PostgresServer, alive, monitor_children, python_service, remove_tree,
-                           stop_process, wait_for, world_traversable_tmpdir)
+from tests.support import (Mosquitto, alive, monitor_children, remove_tree, wait_for, world_traversable_tmpdir)
 
 SITES = ("north", "south", "east")
 PER_SITE = 150
@@ -190,32 +189,20 @@ def test_sigkill_of_the_monitor(stack, broker, numbered):
     assert_every_reading_once(stack)
 
 
-def test_postgres_stopped_for_a_while(broker, numbered, tmp_path):
-    base = world_traversable_tmpdir("sitelink-test-pg-outage-")
-    server = PostgresServer(base)
+def test_postgres_stopped_for_a_while(own_postgres, broker, numbered):
+    server, stack = own_postgres
+    start_sites(stack, broker.port)
+    watch = MemoryWatch([*monitor_children(stack), stack.pid("logger")])
+    numbered.publish(range(0, 30))
+    server.stop()
+    numbered.publish(range(30, PER_SITE))
+    numbered.wait_acked()
+    wait_for(lambda: "cannot write to PostgreSQL" in stack.output("logger"), what="the logger to notice")
+    for _ in range(40):
+        watch.sample()
+        time.sleep(0.05)
     server.start()
-    stack = None
-    try:
-        server.execute("CREATE DATABASE sitelink")
-        db.migrate(db.Database(server.url("sitelink"), "test"))
-        stack = Stack(server.url("sitelink"), broker, tmp_path)
-        start_sites(stack, broker.port)
-        watch = MemoryWatch([*monitor_children(stack), stack.pid("logger")])
-        numbered.publish(range(0, 30))
-        server.stop()
-        numbered.publish(range(30, PER_SITE))
-        numbered.wait_acked()
-        wait_for(lambda: "cannot write to PostgreSQL" in stack.output("logger"), what="the logger to notice")
-        for _ in range(40):
-            watch.sample()
-            time.sleep(0.05)
-        server.start()
-        assert_every_reading_once(stack, watch)
-    finally:
-        if stack is not None:
-            stack.close()
-        server.stop()
-        remove_tree(base)
+    assert_every_reading_once(stack, watch)
 
 
 def test_mosquitto_restarted_with_its_persistence(stack):

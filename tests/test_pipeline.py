@@ -8,9 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support import (PostgresServer, alive, cmdline, free_port, joined_feed, monitor_children, reading,
-                           remove_tree, wait_for, world_traversable_tmpdir)
-from shared import db
+from tests.support import (alive, cmdline, free_port, joined_feed, monitor_children, reading, wait_for)
 
 
 # --- the seed's three ---------------------------------------------------------
@@ -272,36 +270,22 @@ def test_password_appears_nowhere(stack, broker, publisher):
 
 # --- PostgreSQL outage -------------------------------------------------------------
 
-def test_logger_keeps_events_while_postgres_is_down(broker, tmp_path, publisher):
+def test_logger_keeps_events_while_postgres_is_down(own_postgres, broker, publisher):
     """Stop PostgreSQL under a running pipeline: nothing published meanwhile is lost."""
-    from tests.conftest import Stack
-    base = world_traversable_tmpdir("sitelink-test-outage-")
-    server = PostgresServer(base)
+    server, stack = own_postgres
+    cid = stack.sql.add_site("rho", port=broker.port)
+    stack.start("logger", "monitor")
+    stack.sql.wait_status(cid, "connected")
+    stack.sql.close()
+    server.stop()
+    for minute in range(10):
+        publisher.publish("sites/rho/GW-01/DL-07",
+                          reading(ts=f"2026-11-28T10:{minute:02d}:00Z", **{"S-1": {"t": minute}}))
+    wait_for(lambda: "cannot write to PostgreSQL" in stack.output("logger"), what="the logger to notice")
     server.start()
-    stack = None
-    try:
-        server.execute("CREATE DATABASE sitelink")
-        url = server.url("sitelink")
-        db.migrate(db.Database(url, "test"))
-        stack = Stack(url, broker, tmp_path)
-        cid = stack.sql.add_site("rho", port=broker.port)
-        stack.start("logger", "monitor")
-        stack.sql.wait_status(cid, "connected")
-        stack.sql.close()
-        server.stop()
-        for minute in range(10):
-            publisher.publish("sites/rho/GW-01/DL-07",
-                              reading(ts=f"2026-11-28T10:{minute:02d}:00Z", **{"S-1": {"t": minute}}))
-        wait_for(lambda: "cannot write to PostgreSQL" in stack.output("logger"), what="the logger to notice")
-        server.start()
-        wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 10, timeout=40,
-                 what="all 10 readings after PostgreSQL is back")
-        assert stack.sql.status(cid) == "connected"
-    finally:
-        if stack is not None:
-            stack.close()
-        server.stop()
-        remove_tree(base)
+    wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 10, timeout=40,
+             what="all 10 readings after PostgreSQL is back")
+    assert stack.sql.status(cid) == "connected"
 
 
 def test_changed_broker_settings_restart_only_that_child(stack, broker, publisher):
