@@ -103,8 +103,9 @@ def world_traversable_tmpdir(prefix: str) -> Path:
 class PostgresServer:
     """A throw-away PostgreSQL cluster on a free loopback port."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, fast: bool = True):
         self.base = base
+        self.fast = fast  # SITELINK_PG_FAST: no fsync, for tests; benchmarks measure durable
         self.datadir = base / "pgdata"
         self.socketdir = base / "run"
         self.port = free_port()
@@ -115,7 +116,9 @@ class PostgresServer:
         return f"postgresql://sitelink@127.0.0.1:{self.port}/{dbname}"
 
     def start(self, timeout: float = 60.0) -> None:
-        env = {**os.environ, "SITELINK_PG_FAST": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "SITELINK_PG_FAST"}
+        if self.fast:
+            env["SITELINK_PG_FAST"] = "1"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(ROOT / "supervisor_conf" / "bin" / "postgres"), str(self.datadir), str(self.port),

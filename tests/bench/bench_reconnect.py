@@ -29,7 +29,6 @@ under K / rate seconds.
 from __future__ import annotations
 
 import bisect
-import signal
 import time
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import psycopg
 
-from tests.support import ROOT, PostgresServer, stop_process, wait_for
+from tests.support import ROOT, PostgresServer, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -79,19 +79,11 @@ class DurablePostgresServer(PostgresServer):
     """The suite's PostgresServer, but durable: no SITELINK_PG_FAST (fsync and
     synchronous_commit on, as in production)."""
 
-    def start(self, timeout: float = 120.0) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "SITELINK_PG_FAST"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(ROOT / "supervisor_conf" / "bin" / "postgres"), str(self.datadir), str(self.port),
-                 str(self.socketdir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    def __init__(self, base: Path):
+        super().__init__(base, fast=False)
 
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"postgres exited: {self.log.read_text()[-3000:]}")
-            with psycopg.connect(self.url(), connect_timeout=2):
-                return True
-        wait_for(ready, timeout, "PostgreSQL to accept connections")
+    def start(self, timeout: float = 120.0) -> None:
+        super().start(timeout)
 
     def settings(self) -> dict[str, str]:
         with psycopg.connect(self.url(), autocommit=True) as conn:
