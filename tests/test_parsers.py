@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared import parsers
+from shared import limits, parsers
 from shared.parsers import PayloadParseError, PayloadValidationError
 
 parse = parsers.get("json")
@@ -90,3 +90,42 @@ def test_number_too_large_for_a_float_is_validation_error():
     raw = b'{"gateway": "G", "ts": 1795860000, "sensors": {"S-1": {"t": 1e400}}}'
     with pytest.raises(PayloadValidationError, match="finite"):
         parse(raw, "t")
+
+
+# --- hostile names and sizes: each a VALIDATION_ERROR naming the field --------
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"gateway": "GW\\ud800", "ts": 1795860000}', "gateway"),          # escaped lone surrogate
+    (b'{"gateway": "GW\\udc00x", "ts": 1795860000}', "gateway"),
+    (b'{"gateway": "GW\\n2026-11-28 | ERROR | forged", "ts": 1795860000}', "gateway"),
+    (b'{"gateway": "GW\\u001b[31m", "ts": 1795860000}', "gateway"),
+    (b'{"gateway": "GW\\u2028", "ts": 1795860000}', "gateway"),
+    (b'{"gateway": "GW\\u202e", "ts": 1795860000}', "gateway"),           # right-to-left override
+    (b'{"gateway": "G", "datalogger": "D\\u0000", "ts": 1795860000}', "datalogger"),
+    (b'{"gateway": "G", "ts": 1795860000, "sensors": {"S\\r": {"t": 1}}}', "sensors"),
+    (b'{"gateway": "G", "ts": 1795860000, "sensors": {"S": {"t\\ud83d": 1}}}', "sensors.S"),
+])
+def test_names_that_are_not_printable_text_are_validation_errors(raw, field):
+    with pytest.raises(PayloadValidationError) as err:
+        parse(raw, "t")
+    assert err.value.field.startswith(field)
+    message = str(err.value)
+    assert message.isprintable()
+    message.encode("utf-8")  # never a lone surrogate in what travels on
+
+
+def test_a_real_emoji_pair_and_accents_are_fine():
+    [record] = parse('{"gateway": "Gw-\u00e9\u00e8", "ts": 1795860000, "sensors": {"\U0001F321": {"t": 1}}}'
+                     .encode(), "t")
+    assert record.gateway == "Gw-\u00e9\u00e8" and list(record.sensors) == ["\U0001F321"]
+
+
+@pytest.mark.parametrize("sensors, field", [
+    ({f"S{i}": {"t": 1} for i in range(limits.MAX_SENSORS + 1)}, "sensors"),
+    ({"S": {f"m{i}": 1 for i in range(limits.MAX_METRICS + 1)}}, "sensors.S"),
+    ({f"S{i}": {f"m{j}": 1 for j in range(200)} for i in range(limits.MAX_VALUES // 200 + 1)}, "sensors"),
+])
+def test_sensors_and_metrics_per_message_are_bounded(sensors, field):
+    with pytest.raises(PayloadValidationError) as err:
+        parse(payload(sensors=sensors), "t")
+    assert err.value.field.startswith(field)

@@ -1,67 +1,204 @@
-"""The internal wire: round trips, and clear errors for anything else."""
+"""The internal wire: round trips, and what the logger's socket does with
+anything else (pure logic; the real socket is in tests/test_hostile.py)."""
+
+import math
+import random
+import time
 
 import msgpack
 import pytest
 
-from shared import protocol
+from shared import limits, protocol
 from shared.connections import ConnectionSettings
-from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
-                             ParseFailure, ProtocolError, StatusChange)
+from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid,
+                             MonitorCycle, ParseFailure, ProtocolError, Refusal, StatusChange)
 
-EVENTS = [
+NOW = time.time()
+CHILD_EVENTS = [
     StatusChange(connection_id=1, status="error", message="refused", retry_attempt=2,
-                 next_retry_at=1795860000.5, gave_up=False, exception_type="ConnectionRefusedError"),
+                 next_retry_at=NOW + 30.5, gave_up=False, exception_type="ConnectionRefusedError"),
     ConnectionLog(connection_id=1, level="WARNING", message="hello"),
     ParseFailure(connection_id=1, topic="t", parser_name="json", error_type="PARSE_ERROR",
-                 error_message="bad", payload=b"\x00\xff"),
-    Data(connection_id=1, topic="t", gateway="GW", ts=1.5, datalogger=None, sensors={"S": {"t": 1.0}}),
+                 error_message="bad", payload=b"\x00\xff", payload_bytes=10),
+    Data(connection_id=1, topic="t", gateway="GW", ts=NOW - 60, datalogger=None, sensors={"S": {"t": 1.0}}),
+    Flow(connection_id=1, paused=True, unacked=1000),
+]
+MONITOR_EVENTS = [
     MonitorCycle(instance_id="m", running=3, started=1, stopped=0, offline={"sensor": 2}, duration=0.01),
     DeviceChange(device_kind="sensor", device_id=3, site_id=1, name="S", online=False),
 ]
 
 
-@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.KIND)
+def envelope(event, sender="conn:1", seq=7, floor=5, ts=None):
+    return Envelope(sender=sender, incarnation="12.ab", seq=seq, floor=floor, ts=NOW if ts is None else ts,
+                    event=event)
+
+
+@pytest.mark.parametrize("event", CHILD_EVENTS + MONITOR_EVENTS, ids=lambda e: e.KIND)
 def test_every_kind_round_trips_with_its_header(event):
-    env = Envelope(sender="conn:1", incarnation="12.ab", seq=7, floor=5, ts=1795860000.25, event=event)
+    env = envelope(event, sender="conn:1" if event in CHILD_EVENTS else "monitor:m1")
     assert protocol.decode(protocol.encode(env)) == env
+    assert protocol.decode_events(protocol.encode(env)) == [env]
 
 
-def test_batch_round_trips_and_rejects_nesting():
-    envs = tuple(Envelope(sender="conn:1", incarnation="i", seq=n, floor=0, ts=1.0, event=e)
-                 for n, e in enumerate(EVENTS, 1))
-    assert protocol.decode(protocol.encode(Batch(envs))) == Batch(envs)
+def test_batch_round_trips_and_is_the_frame_of_its_packed_envelopes():
+    envs = tuple(envelope(e, seq=n, floor=0) for n, e in enumerate(CHILD_EVENTS, 1))
+    frame = protocol.encode(Batch(envs))
+    assert frame == protocol.frame_of([protocol.pack_envelope(e) for e in envs])
+    assert protocol.decode(frame) == Batch(envs)
     with pytest.raises(ProtocolError, match="batch"):
         protocol.decode(msgpack.packb({"v": protocol.VERSION, "k": "batch", "e": []}))
-    with pytest.raises(ProtocolError, match="batch"):
-        protocol.decode(msgpack.packb({"v": protocol.VERSION, "k": "batch", "e": [{"v": 1, "k": "ack"}]}))
 
 
-def test_ack_round_trips():
-    assert protocol.decode(protocol.encode(Ack("12.ab", 9))) == Ack("12.ab", 9)
+def test_ack_and_refusal_round_trip():
+    ack = Ack("12.ab", 9, refused=((4, "bad ts"),), resend=True)
+    assert protocol.decode_reply(protocol.encode(ack)) == ack
+    assert protocol.decode_reply(protocol.encode(Refusal("not msgpack"))) == Refusal("not msgpack")
+    with pytest.raises(ProtocolError):
+        protocol.decode_reply(protocol.encode(envelope(CHILD_EVENTS[1])))
 
 
-def frame(**overrides):
-    doc = {"v": protocol.VERSION, "k": "connlog", "s": "x", "i": "i", "n": 1, "f": 0, "t": 1.0,
-           "b": {"connection_id": 1, "level": "INFO", "message": "m"}}
-    doc.update(overrides)
-    return msgpack.packb(doc)
+def doc(kind="connlog", body=None, **header):
+    d = {"v": protocol.VERSION, "k": kind, "s": "conn:1", "i": "12.ab", "n": 3, "f": 0, "t": NOW,
+         "b": {"connection_id": 1, "level": "INFO", "message": "m"} if body is None else body}
+    d.update(header)
+    return d
+
+
+def pack(d) -> bytes:
+    return msgpack.packb(d, use_bin_type=True)
 
 
 @pytest.mark.parametrize("raw, match", [
     (b"\xc1", "not msgpack"),
+    (b"", "not msgpack"),
     (msgpack.packb([1, 2]), "not a map"),
-    (frame(v=99), "version"),
-    (frame(k="launch"), "unknown message kind"),
-    (frame(n="seven"), "'n'"),
-    (frame(b={"connection_id": 1, "level": "INFO"}), "missing field 'message'"),
-    (frame(b={"connection_id": "1", "level": "INFO", "message": "m"}), "wrong type"),
-    (frame(b={"connection_id": 1, "level": "LOUD", "message": "m"}), "level"),
-    (frame(b={"connection_id": 1, "level": "INFO", "message": "m", "extra": 1}), "unknown fields"),
+    (pack(doc(v=99)), "version"),
+    (pack({"v": protocol.VERSION, "k": "ack", "i": "x", "u": 1}), "not an event"),
+    (pack({"v": protocol.VERSION, "k": "batch", "e": "x"}), "batch"),
+    (pack({"v": protocol.VERSION, "k": "batch", "e": [1] * (protocol.MAX_BATCH_EVENTS + 1)}), "exceeds"),
     (b"\x00" * (protocol.MAX_FRAME_BYTES + 1), "exceeds"),
 ])
-def test_invalid_frames_raise_one_error_type(raw, match):
+def test_a_frame_that_is_no_event_frame_raises_one_error(raw, match):
     with pytest.raises(ProtocolError, match=match):
-        protocol.decode(raw)
+        protocol.decode_events(raw)
+
+
+# Each case: a header or body no real sender produces. The logger must learn
+# whose it was (sender, incarnation, seq) whenever the header allows, so that
+# it can record the refusal and acknowledge it.
+MESSAGE_OK = {"connection_id": 1, "level": "INFO", "message": "m"}
+DATA_OK = {"connection_id": 1, "topic": "t", "gateway": "GW", "ts": NOW, "sensors": {"S": {"t": 1.0}}}
+ATTRIBUTABLE = [
+    ("seq beyond bigint", doc(n=2**63), False),
+    ("seq beyond 64 bits", doc(n=2**64 - 1), False),
+    ("seq zero", doc(n=0), False),
+    ("floor not below seq", doc(n=3, f=3), True),
+    ("negative floor", doc(f=-1), True),
+    ("floor beyond bigint", doc(f=2**63 + 5), True),
+    ("NaN timestamp", doc(t=math.nan), True),
+    ("infinite timestamp", doc(t=math.inf), True),
+    ("timestamp in 2100", doc(t=4102444800.0), True),
+    ("timestamp 1e300", doc(t=1e300), True),
+    ("timestamp as text", doc(t="now"), True),
+    ("unknown kind", doc(kind="launch"), True),
+    ("body not a map", doc(body=[1, 2]), True),
+    ("connection id beyond bigint", doc(body={**MESSAGE_OK, "connection_id": 2**63}), True),
+    ("connection id zero", doc(body={**MESSAGE_OK, "connection_id": 0}), True),
+    ("connection id as text", doc(body={**MESSAGE_OK, "connection_id": "1"}), True),
+    ("another connection's event", doc(body={**MESSAGE_OK, "connection_id": 2}), True),
+    ("a child sending a monitor cycle", doc(kind="cycle", body={
+        "instance_id": "m", "running": 1, "started": 0, "stopped": 0, "offline": {}, "duration": 0.0}), True),
+    ("a monitor sending data", doc(kind="data", s="monitor:m1", body=DATA_OK), True),
+    ("level not a level", doc(body={**MESSAGE_OK, "level": "LOUD"}), True),
+    ("missing field", doc(body={"connection_id": 1, "level": "INFO"}), True),
+    ("unknown field", doc(body={**MESSAGE_OK, "extra": 1}), True),
+    ("message of a megabyte", doc(body={**MESSAGE_OK, "message": "x" * 2**20}), True),
+    ("retry attempt beyond integer", doc(kind="connlog", body={**MESSAGE_OK, "retry_attempt": 2**40}), True),
+    ("status retry time in 3000", doc(kind="status", body={
+        "connection_id": 1, "status": "error", "message": "m", "next_retry_at": 32503680000.0}), True),
+    ("status not a status", doc(kind="status", body={"connection_id": 1, "status": "party", "message": "m"}), True),
+    ("gave_up not a bool", doc(kind="status", body={
+        "connection_id": 1, "status": "error", "message": "m", "gave_up": 1}), True),
+    ("data ts NaN", doc(kind="data", body={**DATA_OK, "ts": math.nan}), True),
+    ("data ts in 2100", doc(kind="data", body={**DATA_OK, "ts": 4102444800.0}), True),
+    ("gateway with a newline", doc(kind="data", body={**DATA_OK, "gateway": "GW\n2026 | ERROR | forged"}), True),
+    ("gateway with an escape", doc(kind="data", body={**DATA_OK, "gateway": "GW\x1b[31m"}), True),
+    ("gateway too long", doc(kind="data", body={**DATA_OK, "gateway": "G" * 129}), True),
+    ("gateway empty", doc(kind="data", body={**DATA_OK, "gateway": " "}), True),
+    ("gateway a number", doc(kind="data", body={**DATA_OK, "gateway": 5}), True),
+    ("sensors a list", doc(kind="data", body={**DATA_OK, "sensors": [1]}), True),
+    ("metrics a number", doc(kind="data", body={**DATA_OK, "sensors": {"S": 5}}), True),
+    ("metrics empty", doc(kind="data", body={**DATA_OK, "sensors": {"S": {}}}), True),
+    ("value a string", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": "hot"}}}), True),
+    ("value a list", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": [1.0]}}}), True),
+    ("value an integer", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": 2**63}}}), True),
+    ("value infinite", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": math.inf}}}), True),
+    ("metric name with U+2028", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t\u2028": 1.0}}}), True),
+    ("too many sensors", doc(kind="data", body={**DATA_OK, "sensors": {
+        f"S{i}": {"t": 1.0} for i in range(limits.MAX_SENSORS + 1)}}), True),
+    ("too many metrics", doc(kind="data", body={**DATA_OK, "sensors": {
+        "S": {f"m{i}": 1.0 for i in range(limits.MAX_METRICS + 1)}}}), True),
+    ("too many values", doc(kind="data", body={**DATA_OK, "sensors": {
+        f"S{i}": {f"m{j}": 1.0 for j in range(200)} for i in range(60)}}), True),
+    ("payload sample too big", doc(kind="parsefail", body={
+        "connection_id": 1, "topic": "t", "parser_name": "json", "error_type": "PARSE_ERROR",
+        "error_message": "m", "payload": b"x" * (protocol.MAX_PAYLOAD_SAMPLE_BYTES + 1)}), True),
+    ("payload as text", doc(kind="parsefail", body={
+        "connection_id": 1, "topic": "t", "parser_name": "json", "error_type": "PARSE_ERROR",
+        "error_message": "m", "payload": "text"}), True),
+]
+
+
+@pytest.mark.parametrize("case, raw, seq_known", ATTRIBUTABLE, ids=[c[0] for c in ATTRIBUTABLE])
+def test_an_envelope_no_real_sender_makes_is_invalid_and_says_whose(case, raw, seq_known):
+    [item] = protocol.decode_events(pack(raw))
+    assert isinstance(item, Invalid), case
+    assert item.reason
+    assert item.sender == "conn:1" or raw["s"] != "conn:1"
+    assert (item.seq is not None) == seq_known
+    with pytest.raises(ProtocolError):
+        protocol.decode(pack(raw))
+
+
+@pytest.mark.parametrize("header", [{"s": "root"}, {"s": "conn:0"}, {"s": "conn:x"}, {"s": 5},
+                                    {"s": "conn:1\n"}, {"i": ""}, {"i": "a b"}, {"i": "x" * 65}, {"i": None}])
+def test_an_envelope_without_a_sender_cannot_be_acknowledged(header):
+    [item] = protocol.decode_events(pack(doc(**header)))
+    assert isinstance(item, Invalid) and item.stream is None
+
+
+def test_one_bad_envelope_does_not_spoil_its_batch():
+    good = protocol.pack_envelope(envelope(CHILD_EVENTS[1], seq=1, floor=0))
+    bad = pack(doc(n=2, t=math.nan))
+    items = protocol.decode_events(protocol.frame_of([good, bad]))
+    assert isinstance(items[0], Envelope) and isinstance(items[1], Invalid) and items[1].seq == 2
+
+
+def test_garbage_and_mutated_frames_raise_nothing_but_protocol_error():
+    rng = random.Random(8)
+    seeds = [protocol.encode(Batch(tuple(envelope(e, seq=n, floor=0) for n, e in enumerate(CHILD_EVENTS, 1))))]
+    for _ in range(3000):
+        frame = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 8)):
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            frame = bytearray(rng.randbytes(rng.randint(0, 200)))
+        try:
+            items = protocol.decode_events(bytes(frame))
+        except ProtocolError:
+            continue
+        for item in items:
+            assert isinstance(item, (Envelope, Invalid))
+            if isinstance(item, Envelope):  # what passes is what the logger can store
+                assert protocol.problem(item.event) is None
+
+
+def test_a_lone_surrogate_never_makes_a_sender_fail():
+    event = ConnectionLog(connection_id=1, level="INFO", message="bad name \ud800 here")
+    frame = protocol.pack_envelope(envelope(event))
+    [item] = protocol.decode_events(frame)
+    assert isinstance(item, Envelope) and item.event.message == "bad name \\ud800 here"
 
 
 def test_settings_travel_with_password_but_never_show_it():

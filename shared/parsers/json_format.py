@@ -4,7 +4,10 @@
      "sensors": {"S-1": {"temperature": 21.4, "humidity": 40.2}}}
 
 ``datalogger`` and ``sensors`` may be absent (a gateway heartbeat). ``ts`` is
-ISO-8601 with a zone, or epoch seconds. Values are finite numbers.
+ISO-8601 with a zone, or epoch seconds. Values are finite numbers. Names are
+printable text (no control characters, no lone surrogates, even escaped as
+``\\ud800``), within the limits of ``shared/limits.py``, as are the counts of
+sensors and metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +17,9 @@ import math
 import time
 from datetime import datetime
 
+from shared import limits
+from shared.limits import EARLIEST_TS, MAX_FUTURE_SECONDS, MAX_NAME_CHARS, printable
 from shared.parsers import PayloadParseError, PayloadValidationError, Record, register
-
-MAX_ID_LENGTH = 128
-#: Timestamps outside [EARLIEST, now + MAX_FUTURE] are taken for clock faults.
-EARLIEST_TS = 946684800.0  # 2000-01-01T00:00:00Z
-MAX_FUTURE_SECONDS = 24 * 3600
 
 
 def _reject_constant(name: str) -> float:
@@ -65,12 +65,9 @@ def _identifier(doc: dict, name: str, *, required: bool) -> str | None:
 def _check_identifier(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise PayloadValidationError(name, f"expected a string, got {_json_type(value)}")
-    if not value.strip():
-        raise PayloadValidationError(name, "must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise PayloadValidationError(name, f"is {len(value)} characters long, at most {MAX_ID_LENGTH} allowed")
-    if "\x00" in value:
-        raise PayloadValidationError(name, "must not contain NUL characters")
+    problem = limits.name_problem(value)
+    if problem:
+        raise PayloadValidationError(name, problem)
     return value
 
 
@@ -90,16 +87,16 @@ def _timestamp(value: object) -> float:
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
-            raise PayloadValidationError("ts", f"{value[:64]!r} is not an ISO-8601 timestamp") from None
+            raise PayloadValidationError("ts", f"{printable(value[:64])!r} is not an ISO-8601 timestamp") from None
         if parsed.tzinfo is None:
-            raise PayloadValidationError("ts", f"{value[:64]!r} has no time zone (add Z or +hh:mm)")
+            raise PayloadValidationError("ts", f"{printable(value[:64])!r} has no time zone (add Z or +hh:mm)")
         ts = parsed.timestamp()
     else:
         raise PayloadValidationError("ts", f"expected ISO-8601 text or epoch seconds, got {_json_type(value)}")
     latest = time.time() + MAX_FUTURE_SECONDS
     if not EARLIEST_TS <= ts <= latest:
         raise PayloadValidationError(
-            "ts", f"{value!r} is outside the plausible range (2000-01-01 to now + 1 day)")
+            "ts", f"{printable(str(value)[:64])!r} is outside the plausible range (2000-01-01 to now + 1 day)")
     return ts
 
 
@@ -116,17 +113,25 @@ def _sensors(value: object) -> dict[str, dict[str, float]]:
         return {}
     if not isinstance(value, dict):
         raise PayloadValidationError("sensors", f"expected an object, got {_json_type(value)}")
+    if len(value) > limits.MAX_SENSORS:
+        raise PayloadValidationError("sensors", f"has {len(value)} sensors, at most {limits.MAX_SENSORS} allowed")
     sensors: dict[str, dict[str, float]] = {}
+    values = 0
     for sensor, metrics in value.items():
-        where = f"sensors.{sensor[:MAX_ID_LENGTH]}"
+        where = f"sensors.{printable(sensor[:MAX_NAME_CHARS])}"
         _check_identifier("sensors (sensor name)", sensor)
         if not isinstance(metrics, dict):
             raise PayloadValidationError(where, f"expected an object of metrics, got {_json_type(metrics)}")
         if not metrics:
             raise PayloadValidationError(where, "has no metrics")
+        if len(metrics) > limits.MAX_METRICS:
+            raise PayloadValidationError(where, f"has {len(metrics)} metrics, at most {limits.MAX_METRICS} allowed")
+        values += len(metrics)
+        if values > limits.MAX_VALUES:
+            raise PayloadValidationError("sensors", f"more than {limits.MAX_VALUES} values in one message")
         clean: dict[str, float] = {}
         for metric, number in metrics.items():
-            field_name = f"{where}.{metric[:MAX_ID_LENGTH]}"
+            field_name = f"{where}.{printable(metric[:MAX_NAME_CHARS])}"
             _check_identifier(f"{where} (metric name)", metric)
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise PayloadValidationError(field_name, f"expected a number, got {_json_type(number)}")
