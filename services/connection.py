@@ -34,10 +34,10 @@ from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared import backoff, config, db, exitcodes, logs, parsers, process, protocol
+from shared import backoff, config, curve, db, exitcodes, limits, logs, parsers, process, protocol
 from shared.attempts import AttemptSlots
 from shared.connections import ConnectionSettings
-from shared.events import EventSender
+from shared.events import EventSender, EventTooLarge
 from shared.protocol import ConnectionLog, Data, ParseFailure, StatusChange
 from shared.signals import SignalPipe
 
@@ -47,6 +47,9 @@ TICK = 1.0
 READ_BURST = 500
 #: How long an MQTT 5 broker keeps our session while we are away.
 SESSION_EXPIRY = 7 * 24 * 3600
+#: What a PUBLISH may hold besides its payload: the topic (at most 65535
+#: bytes), its length, a packet id and MQTT 5 properties.
+MAX_PUBLISH_HEADER = 65535 + 2 + 2 + 64 * 1024
 
 #: CONNACK reason codes that retrying will not fix, in plain words.
 REJECTIONS = {
@@ -88,22 +91,44 @@ def describe_exception(exc: BaseException) -> str:
 
 
 class ReadAheadClient(mqtt.Client):
-    """paho reads each packet with two or three recv() calls of a few bytes;
-    this serves them from one large read, a syscall per burst, not per call."""
+    """paho with two changes at the boundary where a broker's bytes enter.
+
+    Reads ahead: paho reads each packet with two or three recv() calls of a
+    few bytes; this serves them from one large read, a syscall per burst.
+
+    Bounded memory: paho assembles every packet whole in memory. A PUBLISH
+    whose body is larger than ``max_packet`` is never assembled: its topic,
+    packet id and first ``SAMPLE_BYTES`` are kept, the rest is read and
+    dropped as it arrives, and paho is handed a small stand-in packet (same
+    topic, id and QoS; the sample as payload) while ``take_oversized()``
+    tells the handler the real size. Any other packet that large is a broken
+    broker: the connection is closed.
+
+    This relies on paho's private ``_sock_recv`` and ``_in_packet``.
+    """
 
     READ_SIZE = 64 * 1024  # a burst's worth; each read is a new bytes object
+    SAMPLE_BYTES = 8 * 1024
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_packet: int = 1 << 20, **kwargs):
         super().__init__(*args, **kwargs)
+        self.max_packet = max_packet
         self._ahead = b""
         self._ahead_at = 0
+        self._giant: _Giant | None = None
+        self._oversized: int | None = None
 
     @property
     def buffered(self) -> bool:
         """Bytes already read from the socket that paho has not consumed yet."""
         return self._ahead_at < len(self._ahead)
 
-    def _sock_recv(self, bufsize: int) -> bytes:
+    def take_oversized(self) -> int | None:
+        """The real payload size of the message being handled, if it was cut."""
+        size, self._oversized = self._oversized, None
+        return size
+
+    def _read_ahead(self, bufsize: int) -> bytes:
         if self._ahead_at >= len(self._ahead):
             chunk = super()._sock_recv(self.READ_SIZE)
             if not chunk:
@@ -113,22 +138,105 @@ class ReadAheadClient(mqtt.Client):
         self._ahead_at += len(data)
         return data
 
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._giant is None and bufsize <= self.max_packet:
+            return self._read_ahead(bufsize)
+        if self._giant is None:  # paho asks for the whole body of a packet: too big
+            command = self._in_packet["command"]
+            if command & 0xF0 != 0x30:
+                raise ConnectionError(f"the broker sent a packet of {bufsize} bytes (type {command >> 4}), "
+                                      f"more than {self.max_packet}: closing the connection")
+            self._giant = _Giant(bufsize, (command & 0x06) >> 1, self._protocol == mqtt.MQTTv5,
+                                 self.SAMPLE_BYTES)
+        giant = self._giant
+        while giant.left:
+            data = self._read_ahead(min(giant.left, self.READ_SIZE))  # raises BlockingIOError when dry
+            if not data:
+                return data
+            giant.take(data)
+        self._giant = None
+        body = giant.stand_in()
+        # paho counts down what it still expects of this packet: the stand-in's size now.
+        self._in_packet["remaining_length"] = self._in_packet["to_process"] = len(body)
+        self._oversized = giant.payload_size
+        return body
+
     def _sock_close(self) -> None:
-        self._ahead, self._ahead_at = b"", 0
+        self._ahead, self._ahead_at, self._giant = b"", 0, None
         super()._sock_close()
+
+class _Giant:
+    """An oversized PUBLISH read and dropped as it arrives: keeps its topic,
+    packet id and first bytes, to hand paho a small stand-in."""
+
+    def __init__(self, body_size: int, qos: int, v5: bool, sample_bytes: int):
+        self.left = body_size
+        self.body_size = body_size
+        self.qos = qos
+        self.v5 = v5
+        self.sample_bytes = sample_bytes
+        self.head = bytearray()  # topic length, topic, packet id, property length
+        self.header_size: int | None = None  # bytes before the payload, once known
+        self.sample = bytearray()
+        self.seen = 0
+
+    def take(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.header_size is None:
+            self.head += data[:max(0, 65535 + 2 + 2 + 4 - len(self.head))]
+            self.header_size = self._header_size()
+        if self.header_size is not None:
+            start = max(0, self.header_size - self.seen)
+            room = self.sample_bytes - len(self.sample)
+            if room > 0 and start < len(data):
+                self.sample += data[start:start + room]
+        self.seen += len(data)
+
+    def _header_size(self) -> int | None:
+        head = self.head
+        if len(head) < 2:
+            return None
+        size = 2 + int.from_bytes(head[:2], "big") + (2 if self.qos else 0)
+        if not self.v5:
+            return size if len(head) >= size else None
+        # MQTT 5: a variable-length property length follows; the properties are skipped.
+        length, multiplier = 0, 1
+        for i in range(4):
+            if len(head) <= size + i:
+                return None
+            byte = head[size + i]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                return size + i + 1 + length
+        raise ConnectionError("the broker sent a malformed PUBLISH (property length)")
+
+    @property
+    def payload_size(self) -> int:
+        return self.body_size - (self.header_size or self.body_size)
+
+    def stand_in(self) -> bytes:
+        if self.header_size is None or self.header_size > self.body_size:
+            raise ConnectionError("the broker sent a malformed PUBLISH (header larger than the packet)")
+        topic_end = 2 + int.from_bytes(self.head[:2], "big")
+        keep = topic_end + (2 if self.qos else 0)
+        return bytes(self.head[:keep]) + (b"\x00" if self.v5 else b"") + bytes(self.sample)
 
 
 def new_client(c: ConnectionSettings, settings: config.Settings, *, clean_session: bool,
                manual_ack: bool) -> ReadAheadClient:
     """A paho client for these settings: protocol, credentials, TLS, timeout."""
+    # A packet larger than this is never assembled in memory (see ReadAheadClient).
+    max_packet = settings.max_payload + MAX_PUBLISH_HEADER
     if c.mqtt_protocol == "5":
         # MQTT 5 has no clean_session here: clean_start and the session expiry go with connect().
         client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
-                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=manual_ack)
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=manual_ack,
+                                 max_packet=max_packet)
     else:
         client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=c.effective_client_id,
                                  clean_session=clean_session, protocol=mqtt.MQTTv311,
-                                 reconnect_on_failure=False, manual_ack=manual_ack)
+                                 reconnect_on_failure=False, manual_ack=manual_ack, max_packet=max_packet)
     if c.username is not None:
         client.username_pw_set(c.username, c.password)
     if c.use_tls:
@@ -138,14 +246,14 @@ def new_client(c: ConnectionSettings, settings: config.Settings, *, clean_sessio
 
 
 class ConnectionChild:
-    def __init__(self, settings: config.Settings, conn: ConnectionSettings):
+    def __init__(self, settings: config.Settings, conn: ConnectionSettings, keys: curve.Keys | None = None):
         self.settings = settings
         self.conn = conn
         self.where = f"{conn.broker_host}:{conn.broker_port}"
         self.parser = parsers.get(conn.parser_name)
         self.context = zmq.Context(io_threads=1)
         self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
-                                  resend_after=settings.resend_after)
+                                  resend_after=settings.resend_after, curve=keys)
         self.manual_ack = settings.broker_acks == "after-commit"
         self.setup_error: str | None = None
         try:
@@ -319,7 +427,11 @@ class ConnectionChild:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.last_traffic = time.monotonic()
-        self._report(message)
+        try:
+            self._report(message)
+        except Exception as exc:  # whatever a message holds, it never stops the connection
+            self._fail(message, _topic(message)[0], "UNKNOWN_ERROR",
+                       f"the message could not be handled: {type(exc).__name__}: {exc}", exc)
         if message.qos > 0 and self.manual_ack:
             # Acknowledged to the broker only once the logger has committed
             # what it produced: until then the broker keeps it for us.
@@ -327,23 +439,51 @@ class ConnectionChild:
             self._ack_committed()
 
     def _report(self, message: mqtt.MQTTMessage) -> None:
+        """Turn one message into events: data, or one parsing-log row saying why not."""
+        topic, topic_ok = _topic(message)
         payload = message.payload
+        oversized = self.client.take_oversized()
+        if oversized is not None or len(payload) > self.settings.max_payload:
+            size = oversized if oversized is not None else len(payload)
+            self._fail(message, topic, "VALIDATION_ERROR",
+                       f"payload of {size} bytes exceeds the limit of {self.settings.max_payload} bytes "
+                       f"(SITELINK_MAX_PAYLOAD); its beginning is kept as the sample", payload_bytes=size)
+            return
+        if not topic_ok:
+            self._fail(message, topic, "PARSE_ERROR", "the topic is not UTF-8 (shown with \\x escapes)")
+            return
         try:
-            records = self.parser(payload, message.topic)
+            records = self.parser(payload, topic)
+            if len(records) > limits.MAX_RECORDS:
+                raise parsers.PayloadValidationError(
+                    "$", f"{len(records)} records in one message, at most {limits.MAX_RECORDS} allowed")
         except Exception as exc:  # a parser's bug must not stop the connection
             error_type = parsers.classify(exc)
-            self.events.send(ParseFailure(
-                connection_id=self.conn.connection_id, topic=message.topic,
-                parser_name=self.conn.parser_name, error_type=error_type, error_message=str(exc),
-                payload=bytes(payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES]),
-                exception_type=type(exc).__name__,
-                traceback="".join(traceback.format_exception(exc)) if error_type == "UNKNOWN_ERROR" else ""),
-                defer=True)
+            self._fail(message, topic, error_type, str(exc), exc)
             return
         for record in records:
-            self.events.send(Data(connection_id=self.conn.connection_id, topic=message.topic,
-                                  gateway=record.gateway, datalogger=record.datalogger,
-                                  ts=record.ts, sensors=record.sensors), defer=True)
+            try:
+                self.events.send(Data(connection_id=self.conn.connection_id, topic=topic,
+                                      gateway=record.gateway, datalogger=record.datalogger,
+                                      ts=record.ts, sensors=record.sensors), defer=True)
+            except EventTooLarge as exc:
+                self._fail(message, topic, "VALIDATION_ERROR", f"the message's data cannot be stored: {exc}")
+                return
+
+    def _fail(self, message: mqtt.MQTTMessage, topic: str, error_type: str, error_message: str,
+              exc: BaseException | None = None, payload_bytes: int | None = None) -> None:
+        """One parsing-log row for ``message``, with the beginning of its payload."""
+        sample = bytes(message.payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES])
+        if payload_bytes is None and len(message.payload) > len(sample):
+            payload_bytes = len(message.payload)
+        self.events.send(ParseFailure(
+            connection_id=self.conn.connection_id, topic=limits.cut(topic, limits.MAX_MQTT_STRING_BYTES),
+            parser_name=self.conn.parser_name, error_type=error_type,
+            error_message=limits.cut(error_message), payload=sample,
+            exception_type=type(exc).__name__ if exc is not None else "",
+            traceback=limits.cut("".join(traceback.format_exception(exc)), limits.MAX_TRACEBACK_CHARS)
+            if exc is not None and error_type == "UNKNOWN_ERROR" else "",
+            payload_bytes=payload_bytes), defer=True)
 
     def _ack_committed(self) -> None:
         """PUBACK (or PUBCOMP) every message whose events the logger committed."""
@@ -354,8 +494,9 @@ class ConnectionChild:
 
     @property
     def paused(self) -> bool:
-        """At the limit of events the logger has not committed: read nothing more."""
-        return self.events.unacked >= self.settings.max_unacked
+        """At the limit of events (or bytes) the logger has not committed: read nothing more."""
+        return (self.events.unacked >= self.settings.max_unacked
+                or self.events.unacked_bytes >= self.settings.max_unacked_bytes)
 
     # -- the loop
 
@@ -525,6 +666,16 @@ class ConnectionChild:
                            self.conn.connection_id, self.events.unacked)
 
 
+def _topic(message: mqtt.MQTTMessage) -> tuple[str, bool]:
+    """The message's topic as text, and whether it was valid UTF-8 (a broker
+    may send anything; paho's ``message.topic`` raises then)."""
+    raw = message._topic  # noqa: SLF001 (paho keeps the bytes there; .topic is a strict decode)
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="backslashreplace"), False
+
+
 def load_settings_from_db(settings: config.Settings, connection_id: int) -> ConnectionSettings:
     database = db.Database(settings.database_url, f"sitelink-connection-{connection_id}")
     try:
@@ -537,7 +688,7 @@ def load_settings_from_db(settings: config.Settings, connection_id: int) -> Conn
     return ConnectionSettings.from_mapping(row)
 
 
-def run_child(settings: config.Settings, conn: ConnectionSettings) -> int:
+def run_child(settings: config.Settings, conn: ConnectionSettings, keys: curve.Keys | None = None) -> int:
     """Run one connection until it is told to stop; return the exit code.
 
     Shared by the zygote's forked children and by ``main`` below.
@@ -550,7 +701,9 @@ def run_child(settings: config.Settings, conn: ConnectionSettings) -> int:
     if problems:
         logger.error("connection {} cannot start: {}", conn.connection_id, "; ".join(problems))
         return exitcodes.CONFIG
-    return ConnectionChild(settings, conn).run()
+    if keys is None:
+        keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)
+    return ConnectionChild(settings, conn, keys).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,24 @@
 It receives events on a ZeroMQ ROUTER, writes them to PostgreSQL in batches
 (one transaction per batch), and only after the commit writes the file logs,
 publishes status changes on the status feed (PUB) and acknowledges the events
-to their senders. While PostgreSQL is unreachable it keeps the batch, stops
-reading more than one batch (the senders keep the rest), retries with
-backoff, and acknowledges nothing. An event that makes the transaction fail
-is isolated, recorded as a ``DB_ERROR`` and acknowledged; the rest is stored.
+to their senders.
+
+Its socket is a trust boundary. Only sitelink's processes can reach it (an
+``ipc://`` socket in a private directory, or CURVE on TCP: ``shared/curve``),
+and even so every frame is checked (``protocol.decode_events``): a frame it
+cannot read is answered with a ``Refusal``; an envelope it cannot accept
+(fields out of range, a child speaking for another connection, an unknown
+connection) is recorded in the connection log and acknowledged with the
+reason, so its sender moves on. An event PostgreSQL refuses, or that fails
+in any other way than "the database is unreachable", is isolated from its
+batch, recorded as a ``DB_ERROR`` and acknowledged; the rest is stored.
+
+While PostgreSQL is unreachable it keeps one batch (at most
+``SITELINK_BATCH_MAX`` events and ``MAX_BATCH_BYTES``), retries with backoff
+and acknowledges nothing; it keeps reading its socket but drops what does
+not fit (the senders keep it until acknowledged), and once the batch is
+stored it asks the senders it dropped frames of to send again at once. Its
+memory does not grow with the length of the outage.
 
 Run it alone with ``python -m services.logger``.
 """
@@ -17,15 +31,17 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import zmq
 from loguru import logger
 
-from shared import backoff, config, db, exitcodes, logs, process, protocol
-from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, MonitorCycle,
-                             ParseFailure, StatusChange)
+from shared import backoff, config, curve, db, exitcodes, limits, logs, process, protocol
+from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid, MonitorCycle,
+                             ParseFailure, Refusal, StatusChange)
 from shared.signals import SignalPipe
 
 PAYLOAD_SAMPLE_CHARS = 5000
@@ -33,30 +49,49 @@ STREAM_IDLE_FORGET = 3600.0
 #: How long the committed floor of a sender process is kept in the database
 #: (long after any process could re-send).
 STREAM_ROWS_KEPT = 7 * 24 * 3600.0
+#: A batch holds at most this many bytes of frames, whatever SITELINK_BATCH_MAX says.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+#: Frames queued per sender inside ZeroMQ before it blocks that sender.
+RCVHWM = 1000
+#: A sequence number this far above what a stream has committed is no real
+#: sender's (a child holds at most SITELINK_MAX_UNACKED events).
+SEQ_WINDOW = 10_000_000
+#: Sender processes the logger keeps delivery state for; beyond, the idlest go
+#: (their floor stays in sitelink_stream).
+MAX_STREAMS = 100_000
+#: Frames read in one go before the loop looks at its other sockets.
+READ_BURST = 10_000
 
 
 # --------------------------------------------------------------------- helpers
 
-def payload_sample(payload: bytes, limit: int = PAYLOAD_SAMPLE_CHARS) -> str:
+def payload_sample(payload: bytes, limit: int = PAYLOAD_SAMPLE_CHARS, total_bytes: int | None = None) -> str:
     """JSON text for ``mqtt_parsing_log.payload_sample``, whatever the bytes.
 
     A payload that is JSON and short enough is kept as it is; anything else
-    (too long, not UTF-8, not JSON, NUL characters that jsonb cannot hold)
-    becomes ``{"sample": <text cut to limit>, "truncated": bool, ...}``.
+    (too long, not UTF-8, not JSON, text that jsonb cannot hold: NUL, lone
+    surrogates) becomes ``{"sample": <text cut to limit>, "truncated": bool,
+    "bytes": <size>, ...}``. ``total_bytes``: the size of the whole payload
+    when ``payload`` is only its beginning.
     """
+    total = len(payload) if total_bytes is None else total_bytes
     try:
         text = payload.decode("utf-8")
         valid_utf8 = True
     except UnicodeDecodeError:
         text = payload.decode("utf-8", errors="backslashreplace")
         valid_utf8 = False
-    if valid_utf8 and len(text) <= limit and "\x00" not in text and "\\u0000" not in text:
+    if valid_utf8 and total == len(payload) and len(text) <= limit:
         try:
-            return json.dumps(json.loads(text, parse_constant=_no_constants), allow_nan=False)
-        except (ValueError, RecursionError):
+            out = json.dumps(json.loads(text, parse_constant=_no_constants), allow_nan=False,
+                             ensure_ascii=False)
+            out.encode("utf-8")  # a \ud800 escape decodes to a lone surrogate: not storable
+            if "\\u0000" not in out:
+                return out
+        except (ValueError, RecursionError, UnicodeEncodeError):
             pass
-    sample = {"sample": text[:limit].replace("\x00", "\\x00"), "truncated": len(text) > limit,
-              "bytes": len(payload)}
+    sample = {"sample": text[:limit].replace("\x00", "\\x00"),
+              "truncated": len(text) > limit or total > len(payload), "bytes": total}
     if not valid_utf8:
         sample["encoding"] = "not UTF-8; invalid bytes shown as \\xNN"
     return json.dumps(sample)
@@ -68,6 +103,11 @@ def _no_constants(name: str) -> None:
 
 def _at(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def _pg(text: str) -> str:
+    """Text PostgreSQL can hold (it cannot hold NUL)."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 def _disconnect_message(reason: str) -> str:
@@ -90,42 +130,58 @@ class Outcome:
     feed: list[tuple[str, dict]] = field(default_factory=list)
     connection_lines: list[tuple[str, str]] = field(default_factory=list)
     parsing_lines: list[tuple[str, str]] = field(default_factory=list)
+    #: Events recorded as refused, per stream: (seq, reason), told to the sender with its ack.
+    refused: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
 
     def extend(self, other: Outcome) -> None:
         self.feed += other.feed
         self.connection_lines += other.connection_lines
         self.parsing_lines += other.parsing_lines
+        for key, items in other.refused.items():
+            self.refused.setdefault(key, []).extend(items)
+
+    def refuse(self, stream: tuple[str, str], seq: int, reason: str) -> None:
+        self.refused.setdefault(stream, []).append((seq, reason))
 
 
 # ------------------------------------------------------------- batch writing
 
-def write_batch(s: db.Session, batch: list[Envelope]) -> Outcome:
+Item = Envelope | Invalid
+
+
+def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
     """Write ``batch`` inside the caller's transaction; return the after-commit work."""
     out = Outcome()
+    batch = _refuse_unknown_connections(s, batch)
     connection_logs: list[dict] = []
     parse_logs: list[dict] = []
     data: list[tuple[Envelope, Data]] = []
     for env in batch:
+        if isinstance(env, Invalid):
+            _record_invalid(env, out, connection_logs)
+            continue
         ev = env.event
         at = _at(env.ts)
         if isinstance(ev, StatusChange):
             _write_status(s, env, ev, out, connection_logs)
         elif isinstance(ev, ConnectionLog):
             connection_logs.append(dict(
-                connection_id=ev.connection_id, at=at, level=ev.level, message=ev.message,
-                exception_type=ev.exception_type, traceback=ev.traceback,
-                broker_host=ev.broker_host, retry_attempt=ev.retry_attempt))
+                connection_id=ev.connection_id, at=at, level=ev.level, message=_pg(ev.message),
+                exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback),
+                broker_host=_pg(ev.broker_host), retry_attempt=ev.retry_attempt))
             out.connection_lines.append((ev.level, f"[connection {ev.connection_id}] {ev.message}"))
         elif isinstance(ev, ParseFailure):
             parse_logs.append(dict(
-                connection_id=ev.connection_id, at=at, topic=ev.topic, parser_name=ev.parser_name,
-                error_type=ev.error_type, error_message=ev.error_message,
-                exception_type=ev.exception_type, traceback=ev.traceback,
-                payload_sample=payload_sample(ev.payload)))
+                connection_id=ev.connection_id, at=at, topic=_pg(ev.topic), parser_name=_pg(ev.parser_name),
+                error_type=ev.error_type, error_message=_pg(ev.error_message),
+                exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback),
+                payload_sample=payload_sample(ev.payload, total_bytes=ev.payload_bytes)))
             out.parsing_lines.append(("ERROR", f"[connection {ev.connection_id}] [{ev.error_type}] "
                                                f"{ev.topic}: {ev.error_message}"))
         elif isinstance(ev, Data):
             data.append((env, ev))
+        elif isinstance(ev, Flow):
+            _write_flow(s, env, ev, out, connection_logs)
         elif isinstance(ev, MonitorCycle):
             out.connection_lines.append(("DEBUG", (
                 f"[monitor {ev.instance_id}] cycle: {ev.running} running, {ev.started} started, "
@@ -146,11 +202,39 @@ def write_batch(s: db.Session, batch: list[Envelope]) -> Outcome:
     return out
 
 
+def _refuse_unknown_connections(s: db.Session, batch: list[Item]) -> list[Item]:
+    """Events about a connection that does not exist are refused, not silently lost."""
+    ids = {env.event.connection_id for env in batch
+           if isinstance(env, Envelope) and hasattr(env.event, "connection_id")}
+    if not ids:
+        return batch
+    known = {row["id"] for row in s.rows("known_connections", {"ids": list(ids)})}
+    if len(known) == len(ids):
+        return batch
+    return [Invalid(reason=f"connection {env.event.connection_id} does not exist (deleted?)",
+                    sender=env.sender, incarnation=env.incarnation, seq=env.seq, kind=env.event.KIND)
+            if isinstance(env, Envelope) and getattr(env.event, "connection_id", None) not in (None, *known)
+            else env for env in batch]
+
+
+def _record_invalid(item: Invalid, out: Outcome, connection_logs: list[dict]) -> None:
+    """A refused envelope: a connection-log row when its connection exists, always a log line."""
+    assert item.stream is not None and item.seq is not None
+    message = f"refused an event from {item.sender} (#{item.seq}, {item.kind or 'unknown kind'}): {item.reason}"
+    out.refuse(item.stream, item.seq, item.reason)
+    out.connection_lines.append(("ERROR", f"[connection {item.connection_id or '-'}] {message}"))
+    if item.connection_id is not None and "does not exist" not in item.reason:
+        connection_logs.append(dict(
+            connection_id=item.connection_id, at=datetime.now(timezone.utc), level="ERROR",
+            message=_pg(message), exception_type="ProtocolError", traceback="", broker_host="",
+            retry_attempt=None))
+
+
 def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
                   connection_logs: list[dict]) -> None:
     at = _at(env.ts)
     row = s.one(f"status_{ev.status}", dict(
-        connection_id=ev.connection_id, at=at, message=ev.message,
+        connection_id=ev.connection_id, at=at, message=_pg(ev.message),
         retry_attempt=ev.retry_attempt,
         next_retry_at=_at(ev.next_retry_at) if ev.next_retry_at is not None else None))
     level = status_level(ev)
@@ -158,17 +242,15 @@ def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
     # The log keeps every event; the row and the feed only the newest state
     # (no row: the connection was deleted, or a newer status is already in).
     connection_logs.append(dict(
-        connection_id=ev.connection_id, at=at, level=level, message=message,
-        exception_type=ev.exception_type, traceback=ev.traceback, broker_host=ev.broker_host,
+        connection_id=ev.connection_id, at=at, level=level, message=_pg(message),
+        exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback), broker_host=_pg(ev.broker_host),
         retry_attempt=ev.retry_attempt))
     if row is None:
         out.connection_lines.append((level, f"[connection {ev.connection_id}] {message} "
                                             f"(an older status, not applied)"))
         return
     out.connection_lines.append((level, f"[site {row['site_id']} connection {ev.connection_id}] {message}"))
-    body = {"type": "mqtt_status", "site_id": row["site_id"], "connection_id": ev.connection_id,
-            "status": ev.status, "is_active": row["is_active"], "timestamp": at.isoformat(),
-            "message": message}
+    body = _status_body(row, at, message)
     if ev.retry_attempt is not None:
         body["retry_attempt"] = ev.retry_attempt
     if ev.next_retry_at is not None:
@@ -176,6 +258,29 @@ def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
     if ev.gave_up:
         body["gave_up"] = True
     out.feed.append((f"mqtt_status.site.{row['site_id']}.conn.{ev.connection_id}", body))
+
+
+def _status_body(row: dict, at: datetime, message: str) -> dict:
+    return {"type": "mqtt_status", "site_id": row["site_id"], "connection_id": row["id"],
+            "status": row["status"], "is_active": row["is_active"], "timestamp": at.isoformat(),
+            "message": message, "paused": row["paused_since"] is not None}
+
+
+def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection_logs: list[dict]) -> None:
+    at = _at(env.ts)
+    if ev.paused:
+        message = (f"paused: {ev.unacked} events wait for the logger to store them; not reading from the "
+                   f"broker (which keeps the messages) until it catches up")
+    else:
+        message = "reading from the broker again: the logger caught up"
+    connection_logs.append(dict(connection_id=ev.connection_id, at=at,
+                                level="WARNING" if ev.paused else "INFO", message=message,
+                                exception_type="", traceback="", broker_host="", retry_attempt=None))
+    out.connection_lines.append(("WARNING" if ev.paused else "INFO", f"[connection {ev.connection_id}] {message}"))
+    row = s.one("set_flow", dict(connection_id=ev.connection_id, paused=ev.paused, at=at))
+    if row is not None:
+        out.feed.append((f"mqtt_status.site.{row['site_id']}.conn.{ev.connection_id}",
+                         _status_body(row, at, message)))
 
 
 def _device_feed(kind: str, device_id: int, site_id: int, name: str, online: bool,
@@ -283,26 +388,48 @@ class Stream:
             self.above.discard(self.low)
 
 
+def _bind_events(context: zmq.Context, settings: config.Settings) -> tuple[zmq.Socket, curve.Gatekeeper | None]:
+    """The ROUTER of the events: only sitelink's processes may talk to it."""
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVHWM, RCVHWM)
+    router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
+    gate = None
+    endpoint = settings.events_endpoint
+    if endpoint.startswith("ipc://"):
+        # The directory is the guard: 0700, this user's.
+        curve.private_dir(Path(endpoint[len("ipc://"):]).parent)
+    elif curve.needed(endpoint):
+        keys = curve.load(settings.runtime_dir / "curve", server=True)
+        gate = curve.Gatekeeper(context, keys.client_public)
+        keys.secure_server(router)
+    router.bind(endpoint)
+    return router, gate
+
+
 class LoggerService:
     def __init__(self, settings: config.Settings):
         self.settings = settings
         self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
-        self.router.bind(settings.events_endpoint)
+        self.router, self.gate = _bind_events(self.context, settings)
         self.feed = self.context.socket(zmq.PUB)
         self.feed.setsockopt(zmq.LINGER, 1000)
+        self.feed.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are short topic prefixes
         self.feed.bind(settings.status_feed)
         self.db = db.Database(settings.database_url, "sitelink-logger")
         self.streams: dict[tuple[str, str], Stream] = {}
-        self.pending: list[Envelope] = []
+        self.pending: list[Item] = []
+        self.pending_bytes = 0
         self.batch_started: float | None = None
         self.db_failures = 0
         self.db_retry_at = 0.0
+        #: Senders whose frames were dropped while the batch could not be stored.
+        self.owed_resend: set[bytes] = set()
+        self.dropped_frames = 0
         self.feed_seq = 0
         self.connections_log = logs.channel("connections")
         self.parsing_log = logs.channel("parsing")
+        self.throttle = logs.Throttle()
         self._last_prune = time.monotonic()
 
     # -- loop
@@ -311,18 +438,19 @@ class LoggerService:
         signals = SignalPipe(signal.SIGTERM, signal.SIGINT)
         poller = zmq.Poller()
         poller.register(signals.fileno(), zmq.POLLIN)
-        logger.info("logger ready: events on {}, status feed on {}",
-                    self.settings.events_endpoint, self.settings.status_feed)
+        poller.register(self.router, zmq.POLLIN)
+        if self.gate is not None:
+            poller.register(self.gate.socket, zmq.POLLIN)
+        logger.info("logger ready: events on {}{}, status feed on {}", self.settings.events_endpoint,
+                    " (CURVE)" if self.gate is not None else "", self.settings.status_feed)
         try:
             while True:
                 if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
                     logger.info("stopping on signal")
                     break
-                # Read no more than one batch: while PostgreSQL is down, the
-                # rest waits in the senders, which keep it until acknowledged.
-                can_receive = len(self.pending) < self.settings.batch_max
-                poller.register(self.router, zmq.POLLIN if can_receive else 0)
                 ready = dict(poller.poll(self._poll_timeout() * 1000))
+                if self.gate is not None and ready.get(self.gate.socket):
+                    self.gate.answer()
                 if ready.get(self.router):
                     self._receive()
                 if self._batch_ready():
@@ -332,6 +460,9 @@ class LoggerService:
             self._shutdown()
             signals.close()
 
+    def _full(self) -> bool:
+        return len(self.pending) >= self.settings.batch_max or self.pending_bytes >= MAX_BATCH_BYTES
+
     def _poll_timeout(self) -> float:
         now = time.monotonic()
         if not self.pending:
@@ -339,7 +470,7 @@ class LoggerService:
         if self.db_retry_at > now:
             return self.db_retry_at - now
         assert self.batch_started is not None
-        if len(self.pending) >= self.settings.batch_max:
+        if self._full():
             return 0.0
         return max(0.0, self.batch_started + self.settings.batch_wait - now)
 
@@ -350,80 +481,128 @@ class LoggerService:
         if now < self.db_retry_at:
             return False
         assert self.batch_started is not None
-        return (len(self.pending) >= self.settings.batch_max
-                or now - self.batch_started >= self.settings.batch_wait)
+        return self._full() or now - self.batch_started >= self.settings.batch_wait
 
     def _receive(self) -> None:
         now = time.monotonic()
-        while len(self.pending) < self.settings.batch_max:
+        for _ in range(READ_BURST):
+            if self._full() and now >= self.db_retry_at:
+                return  # store this batch first; the rest waits in ZeroMQ's queue
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2:
-                logger.warning("dropped a message of {} frames (expected 2)", len(frames))
+            identity = frames[0]
+            if self._full():
+                # PostgreSQL is away and the batch is full: keep nothing more
+                # (the sender keeps it), ask for it again once stored.
+                self.owed_resend.add(identity)
+                self.dropped_frames += 1
                 continue
-            identity, frame = frames
             try:
-                message = protocol.decode(frame)
-            except protocol.ProtocolError as exc:
-                logger.warning("dropped an invalid message: {}", exc)
-                continue
-            if isinstance(message, Ack):
-                continue
-            for env in message.envelopes if isinstance(message, Batch) else (message,):
-                self._take(identity, env, now)
+                self._take_frame(identity, frames, now)
+            except Exception:  # a frame must never stop the logger
+                logger.exception("could not take a frame of {} bytes; dropped it",
+                                 sum(len(f) for f in frames))
 
-    def _take(self, identity: bytes, env: Envelope, now: float) -> None:
-        """Queue one received event for the next batch, unless already stored or queued."""
-        stream = self.streams.get(env.stream)
+    def _take_frame(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        if len(frames) != 2:
+            self.throttle.warning("frames", "dropped a message of {} frames (expected 2)", len(frames))
+            self._reply(identity, protocol.encode(Refusal(f"a message has {len(frames) - 1} frames, not 1")))
+            return
+        frame = frames[1]
+        try:
+            items = protocol.decode_events(frame)
+        except protocol.ProtocolError as exc:
+            self.throttle.warning("invalid", "dropped an invalid frame of {} bytes: {}", len(frame), exc)
+            self._reply(identity, protocol.encode(Refusal(str(exc))))
+            return
+        size = len(frame) // len(items) + 1
+        for item in items:
+            if isinstance(item, Envelope):
+                self._take(identity, item, item.seq, now, size)
+            elif item.stream is None or item.seq is None:
+                self.throttle.warning("unattributable", "dropped an envelope nobody can be told about: {}",
+                                      item.reason)
+            else:
+                self.throttle.warning("refused", "refusing an event from {} (#{}): {}", item.sender,
+                                      item.seq, item.reason)
+                self._take(identity, item, item.seq, now, size)
+
+    def _take(self, identity: bytes, item: Item, seq: int, now: float, size: int) -> None:
+        """Queue one received item for the next batch, unless already stored or queued."""
+        key = (item.sender, item.incarnation)
+        stream = self.streams.get(key)
         if stream is None:
-            stream = self.streams[env.stream] = Stream()
+            stream = self.streams[key] = Stream()
         stream.identity = identity
         stream.last_seen = now
-        if env.floor > stream.low:
-            stream.low = env.floor
-            stream.above = {seq for seq in stream.above if seq > env.floor}
-            stream.advance()
-        if env.seq <= stream.low or env.seq in stream.above:
-            self._ack(env.incarnation, stream)  # a resend of something stored
+        if seq <= stream.low or seq in stream.above:
+            self._ack(item.incarnation, stream)  # a resend of something stored
             return
-        if env.seq in stream.pending:
+        if seq in stream.pending:
             return  # a resend of something in this batch
-        stream.pending.add(env.seq)
+        if stream.loaded and seq > stream.low + SEQ_WINDOW and isinstance(item, Envelope):
+            item = Invalid(f"sequence number {seq} is far beyond what this sender has stored ({stream.low})",
+                           sender=item.sender, incarnation=item.incarnation, seq=seq, kind=item.event.KIND,
+                           connection_id=getattr(item.event, "connection_id", None))
+        stream.pending.add(seq)
         if not self.pending:
             self.batch_started = now
-        self.pending.append(env)
+        self.pending.append(item)
+        self.pending_bytes += size
 
     def _flush(self) -> None:
         batch = self.pending
         try:
             outcome = self._store(batch)
-        except db.DatabaseError as exc:
-            self.db_failures += 1
-            wait = backoff.delay(self.db_failures, 0.5, self.settings.db_retry_cap)
-            self.db_retry_at = time.monotonic() + wait
-            logger.warning("cannot write to PostgreSQL ({}); keeping {} events unacknowledged, "
-                           "attempt {} again in {:.1f} s", exc, len(batch), self.db_failures, wait)
+        except db.DatabaseUnavailable as exc:
+            self._retry_later(exc, len(batch))
             return
+        except db.DatabaseError as exc:
+            if isinstance(exc, db.DataRejected):
+                outcome = self._give_up_on(batch, exc)
+            else:  # systemic (privileges...): nothing wrong with the events, try again
+                self._retry_later(exc, len(batch))
+                return
+        except Exception as exc:  # a bug of ours must not stop every site: record, ack, go on
+            logger.exception("could not store a batch of {} events", len(batch))
+            outcome = self._give_up_on(batch, exc)
         if self.db_failures:
-            logger.info("PostgreSQL is writable again after {} failed attempts; stored {} events",
-                        self.db_failures, len(batch))
+            logger.info("PostgreSQL is writable again after {} failed attempts; stored {} events{}",
+                        self.db_failures, len(batch),
+                        f", dropped {self.dropped_frames} frames meanwhile (their senders send them again)"
+                        if self.dropped_frames else "")
         self.db_failures = 0
         self.db_retry_at = 0.0
+        self.dropped_frames = 0
         self.pending = []
+        self.pending_bytes = 0
         self.batch_started = None
         self._after_commit(batch, outcome)
 
-    def _store(self, batch: list[Envelope]) -> Outcome:
+    def _retry_later(self, exc: Exception, events: int) -> None:
+        self.db_failures += 1
+        wait = backoff.delay(self.db_failures, 0.5, self.settings.db_retry_cap)
+        self.db_retry_at = time.monotonic() + wait
+        logger.warning("cannot write to PostgreSQL ({}); keeping {} events unacknowledged, "
+                       "attempt {} again in {:.1f} s", exc, events, self.db_failures, wait)
+
+    def _store(self, batch: list[Item]) -> Outcome:
         try:
             with self.db.transaction() as s:
                 out = write_batch(s, self._not_yet_stored(s, batch))
                 self._record_progress(s, batch)
                 return out
-        except db.DataRejected as exc:
-            logger.warning("a batch of {} events was rejected ({}); storing them one by one",
-                           len(batch), exc)
+        except db.DatabaseUnavailable:
+            raise
+        except db.DatabaseError as exc:
+            if not isinstance(exc, db.DataRejected):
+                raise
+            logger.warning("a batch of {} events was rejected ({}); storing them one by one", len(batch), exc)
+        except Exception as exc:  # e.g. a value our own code cannot convert
+            logger.warning("a batch of {} events failed ({}: {}); storing them one by one",
+                           len(batch), type(exc).__name__, exc)
         # Isolate the poison: each event in a savepoint of one transaction.
         out = Outcome()
         with self.db.transaction() as s:
@@ -431,14 +610,28 @@ class LoggerService:
                 try:
                     with s.savepoint():
                         out.extend(write_batch(s, [env]))
-                except db.DataRejected as exc:
+                except db.DatabaseUnavailable:
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, db.DatabaseError) and not isinstance(exc, db.DataRejected):
+                        raise
                     self._record_rejected(s, env, exc, out)
             self._record_progress(s, batch)
         return out
 
-    def _not_yet_stored(self, s: db.Session, batch: list[Envelope]) -> list[Envelope]:
+    def _give_up_on(self, batch: list[Item], exc: Exception) -> Outcome:
+        """The last resort when even one by one fails: say so, acknowledge, go on."""
+        out = Outcome()
+        reason = f"the logger could not store it: {type(exc).__name__}: {exc}"[:protocol.MAX_REASON_CHARS]
+        for item in batch:
+            out.refuse((item.sender, item.incarnation), item.seq, reason)
+        logger.error("acknowledging {} events that could not be stored ({})", len(batch), reason)
+        return out
+
+    def _not_yet_stored(self, s: db.Session, batch: list[Item]) -> list[Item]:
         """Drop events an earlier logger already committed (their ack was lost)."""
-        unknown = {env.stream for env in batch if not self.streams[env.stream].loaded}
+        unknown = {(item.sender, item.incarnation) for item in batch
+                   if not self.streams[(item.sender, item.incarnation)].loaded}
         if unknown:
             rows = s.rows("stream_floors", {"senders": [k[0] for k in unknown],
                                             "incarnations": [k[1] for k in unknown]})
@@ -448,37 +641,47 @@ class LoggerService:
                 stream.advance()
             for key in unknown:
                 self.streams[key].loaded = True
-        return [env for env in batch if env.seq > self.streams[env.stream].low
-                and env.seq not in self.streams[env.stream].above]
+        kept = []
+        for item in batch:
+            stream = self.streams[(item.sender, item.incarnation)]
+            if item.seq > stream.low and item.seq not in stream.above:
+                kept.append(item)
+        return kept
 
-    def _record_progress(self, s: db.Session, batch: list[Envelope]) -> None:
+    def _record_progress(self, s: db.Session, batch: list[Item]) -> None:
         """Store, with the events, up to where each sender is now committed."""
         seqs: dict[tuple[str, str], set[int]] = {}
-        for env in batch:
-            seqs.setdefault(env.stream, set()).add(env.seq)
+        for item in batch:
+            seqs.setdefault((item.sender, item.incarnation), set()).add(item.seq)
         upto = {key: self.streams[key].low_with(new) for key, new in seqs.items()}
         s.run("stream_commit", {"senders": [k[0] for k in upto], "incarnations": [k[1] for k in upto],
                                 "upto": list(upto.values())})
 
-    def _record_rejected(self, s: db.Session, env: Envelope, exc: Exception, out: Outcome) -> None:
+    def _record_rejected(self, s: db.Session, env: Item, exc: Exception, out: Outcome) -> None:
+        if isinstance(env, Invalid):  # its own row failed: the log line and the ack remain
+            out.refuse((env.sender, env.incarnation), env.seq, env.reason)
+            return
         ev = env.event
         connection_id = getattr(ev, "connection_id", None)
         text = _describe_event(env)
         message = f"could not store a {ev.KIND} event: {exc}"
         out.parsing_lines.append(("ERROR", f"[connection {connection_id}] [DB_ERROR] {message}"))
+        out.refuse(env.stream, env.seq, message[:protocol.MAX_REASON_CHARS])
         if connection_id is None:
             return
         try:
             with s.savepoint():
                 s.run("parsing_log_insert", dict(
-                    connection_id=connection_id, at=_at(env.ts), topic=getattr(ev, "topic", ""),
-                    parser_name="", error_type="DB_ERROR", error_message=message,
+                    connection_id=connection_id, at=_at(env.ts), topic=_pg(getattr(ev, "topic", "")),
+                    parser_name="", error_type="DB_ERROR", error_message=_pg(message),
                     exception_type=type(exc.__cause__ or exc).__name__, traceback="",
                     payload_sample=payload_sample(text.encode())))
+        except db.DatabaseUnavailable:
+            raise
         except db.DataRejected as again:
             logger.error("could not record the rejected event either ({}): {}", again, text[:2000])
 
-    def _after_commit(self, batch: list[Envelope], outcome: Outcome) -> None:
+    def _after_commit(self, batch: list[Item], outcome: Outcome) -> None:
         for level, line in outcome.connection_lines:
             self.connections_log.log(level, line)
         for level, line in outcome.parsing_lines:
@@ -487,34 +690,55 @@ class LoggerService:
             self.feed_seq += 1
             body["seq"] = self.feed_seq
             self.feed.send_multipart([topic.encode(), json.dumps(body).encode()])
-        touched: dict[str, Stream] = {}
-        for env in batch:
-            stream = self.streams.get(env.stream)
+        touched: dict[tuple[str, str], Stream] = {}
+        for item in batch:
+            key = (item.sender, item.incarnation)
+            stream = self.streams.get(key)
             if stream is None:
                 continue
-            stream.pending.discard(env.seq)
-            if env.seq > stream.low:
-                stream.above.add(env.seq)
-            touched[env.incarnation] = stream
-        for incarnation, stream in touched.items():
+            stream.pending.discard(item.seq)
+            if item.seq > stream.low:
+                stream.above.add(item.seq)
+            touched[key] = stream
+        owed, self.owed_resend = self.owed_resend, set()
+        for key, stream in touched.items():
             stream.advance()
-            self._ack(incarnation, stream)
+            self._ack(key[1], stream, outcome.refused.get(key, ()), resend=stream.identity in owed)
+        for key, stream in self.streams.items():
+            if stream.identity in owed and key not in touched:
+                self._ack(key[1], stream, resend=True)
 
-    def _ack(self, incarnation: str, stream: Stream) -> None:
+    def _ack(self, incarnation: str, stream: Stream, refused: Iterable[tuple[int, str]] = (),
+             resend: bool = False) -> None:
+        refused = tuple(refused)
+        # An ack holds a bounded number of refusals; more are told in the next ones.
+        while True:
+            message = Ack(incarnation, stream.low, refused[:protocol.MAX_REFUSALS_PER_ACK], resend)
+            try:
+                self.router.send_multipart([stream.identity, protocol.encode(message)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return  # the sender is gone or its queue is full; it resends and is acked then
+            refused = refused[protocol.MAX_REFUSALS_PER_ACK:]
+            if not refused:
+                return
+
+    def _reply(self, identity: bytes, frame: bytes) -> None:
         try:
-            self.router.send_multipart([stream.identity, protocol.encode(Ack(incarnation, stream.low))],
-                                       zmq.NOBLOCK)
+            self.router.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the sender is gone or its queue is full; it resends and is acked then
+            pass
 
     def _prune(self) -> None:
         now = time.monotonic()
-        if now - self._last_prune < 60:
+        if now - self._last_prune < 60 and len(self.streams) <= MAX_STREAMS:
             return
         self._last_prune = now
-        for key in [k for k, st in self.streams.items()
-                    if not st.pending and now - st.last_seen > STREAM_IDLE_FORGET]:
-            del self.streams[key]
+        idle = sorted((st.last_seen, key) for key, st in self.streams.items() if not st.pending)
+        excess = max(0, len(self.streams) - MAX_STREAMS)
+        for last_seen, key in idle:
+            if now - last_seen > STREAM_IDLE_FORGET or excess > 0:
+                del self.streams[key]
+                excess -= 1
         try:
             with self.db.transaction() as s:
                 s.run("stream_forget", {"after": STREAM_ROWS_KEPT})
@@ -529,6 +753,8 @@ class LoggerService:
                            len(self.pending))
         self.router.close(linger=0)
         self.feed.close(linger=1000)
+        if self.gate is not None:
+            self.gate.close()
         self.context.term()
         self.db.close()
 
@@ -548,8 +774,8 @@ def main() -> int:
         return exitcodes.CONFIG
     try:
         service = LoggerService(settings)
-    except zmq.ZMQError as exc:
-        logger.error("cannot bind {} / {}: {}", settings.events_endpoint, settings.status_feed, exc)
+    except (zmq.ZMQError, OSError, ValueError) as exc:
+        logger.error("cannot listen on {} / {}: {}", settings.events_endpoint, settings.status_feed, exc)
         return exitcodes.CONFIG
     service.run()
     return 0

@@ -29,7 +29,7 @@ import zmq
 from loguru import logger
 
 from services.zygote import Zygote
-from shared import attempts, backoff, config, db, exitcodes, logs, process, protocol
+from shared import attempts, backoff, config, curve, db, exitcodes, logs, process, protocol
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
@@ -87,7 +87,8 @@ class Monitor:
         self.instance_id = settings.instance_id
         self.context = zmq.Context(io_threads=1)
         self.events = EventSender(self.context, settings.events_endpoint, f"monitor:{self.instance_id}",
-                                  resend_after=settings.resend_after)
+                                  resend_after=settings.resend_after,
+                                  curve=curve.for_client(settings.events_endpoint, settings.runtime_dir))
         self.children: dict[int, Child] = {}  # by connection id
         self.by_pid: dict[int, Child] = {}
         self.holds: dict[int, Hold] = {}

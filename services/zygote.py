@@ -36,13 +36,14 @@ EXIT_CHILD_SETUP = 70
 
 def serve(control: socket.socket, monitor_pid: int) -> int:
     from services import connection  # the preload: paho, pyzmq, msgpack, loguru, parsers
-    from shared import config, exitcodes, process, protocol
+    from shared import config, curve, exitcodes, process, protocol
     from shared.connections import ConnectionSettings
 
     process.set_name("sitelink-zygote")
     if not process.die_with(monitor_pid, signal.SIGTERM, wait=0):
         return exitcodes.ORPHANED
     settings = config.load()
+    keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)  # read once, for every child
     _warm_up(connection, protocol, ConnectionSettings, settings)
     gc.collect()
     gc.freeze()  # children share these pages instead of copying them on the first GC
@@ -54,7 +55,7 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
         if not request:
             return 0  # the monitor closed its end: it is stopping
         try:
-            pid = _fork_child(lambda: _run(request, control, settings, connection, protocol,
+            pid = _fork_child(lambda: _run(request, control, settings, keys, connection, protocol,
                                            ConnectionSettings))
         except OSError as exc:
             print(f"sitelink zygote: cannot fork: {exc}", file=sys.stderr, flush=True)
@@ -65,18 +66,22 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
 def _warm_up(connection, protocol, settings_cls, settings) -> None:
     """Run the code paths every child runs once, so that what they import or
     build lazily is loaded here, once, and shared, not in each child."""
-    from shared import parsers
-    from shared.protocol import Batch, Data, Envelope
+    import time
 
-    sample = settings_cls(connection_id=0, site_id=0, broker_host="localhost", broker_port=1883,
+    from shared import parsers
+    from shared.protocol import Ack, Data, Envelope
+
+    sample = settings_cls(connection_id=1, site_id=1, broker_host="localhost", broker_port=1883,
                           username="u", password="p")
     protocol.decode_settings(protocol.encode_settings(sample), settings_cls)
     _ = sample.fingerprint, sample.problems()
     connection.new_client(sample, settings, clean_session=False, manual_ack=True)
     [record] = parsers.get("json")(b'{"gateway": "G", "ts": 1795860000, "sensors": {"S": {"t": 1}}}', "t")
-    event = Data(connection_id=0, topic="t", gateway=record.gateway, ts=record.ts, sensors=record.sensors)
-    envelope = Envelope(sender="s", incarnation="i", seq=1, floor=0, ts=0.0, event=event)
-    protocol.decode(protocol.encode(Batch((envelope, envelope))))
+    event = Data(connection_id=1, topic="t", gateway=record.gateway, ts=record.ts, sensors=record.sensors)
+    packed = [protocol.pack_envelope(Envelope(sender="conn:1", incarnation="i", seq=n, floor=0, ts=time.time(),
+                                              event=event)) for n in (1, 2)]
+    protocol.decode(protocol.frame_of(packed))
+    protocol.decode_reply(protocol.encode(Ack("i", 2)))
 
 
 def _fork_child(run) -> int:
@@ -105,7 +110,7 @@ def _fork_child(run) -> int:
     return PID.unpack(data)[0] if len(data) == PID.size else -1
 
 
-def _run(request: bytes, control: socket.socket, settings, connection, protocol, settings_cls) -> None:
+def _run(request: bytes, control: socket.socket, settings, keys, connection, protocol, settings_cls) -> None:
     code = EXIT_CHILD_SETUP
     try:
         control.close()
@@ -114,7 +119,7 @@ def _run(request: bytes, control: socket.socket, settings, connection, protocol,
         # The preloaded objects stay frozen: a collection would otherwise
         # touch, and so copy, every shared page.
         conn = protocol.decode_settings(request, settings_cls)
-        code = connection.run_child(settings, conn)
+        code = connection.run_child(settings, conn, keys)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_CHILD_SETUP
     except BaseException:

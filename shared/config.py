@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "SITELINK_"
+#: sun_path holds 108 bytes, NUL included.
+MAX_IPC_PATH_BYTES = 107
 
 #: The checkout (or installed tree) that holds sql/, supervisor_conf/ and var/.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +62,24 @@ def _port(value: str) -> int:
 def _zmq_endpoint(value: str) -> str:
     if not value.startswith(("tcp://", "ipc://", "inproc://")):
         raise ValueError("must be a ZeroMQ endpoint such as tcp://127.0.0.1:5556")
+    if value.startswith("ipc://") and len(value[len("ipc://"):].encode()) > MAX_IPC_PATH_BYTES:
+        raise ValueError(f"an ipc:// path is at most {MAX_IPC_PATH_BYTES} bytes long (a Unix socket's limit)")
     return value
+
+
+def _instance_id(value: str) -> str:
+    if not value.isascii() or not value.isprintable() or " " in value or len(value) > 200:
+        raise ValueError("must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
+def _bytes(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be a number of bytes between {low} and {high}")
+        return number
+    return parse
 
 
 def _log_level(value: str) -> str:
@@ -98,14 +117,19 @@ class Settings:
                                      "Port of the embedded PostgreSQL (loopback).")
     embedded_mqtt_port: int = _setting("EMBEDDED_MQTT_PORT", 18830, _port,
                                        "Port of the embedded Mosquitto (loopback).")
-    events_endpoint: str = _setting("EVENTS_ENDPOINT", "tcp://127.0.0.1:5555", _zmq_endpoint,
-                                    "Where the logger receives events (ZeroMQ ROUTER).")
+    runtime_dir: Path = _setting("RUNTIME_DIR", Path("var/run/sitelink"), Path,
+                                 "Directory (mode 0700, created by the services) of the logger's ipc socket "
+                                 "and the CURVE keys (relative to SITELINK_HOME).")
+    events_endpoint: str = _setting("EVENTS_ENDPOINT", "", _zmq_endpoint,
+                                    "Where the logger receives events (ZeroMQ ROUTER). Default: "
+                                    "ipc://<runtime dir>/events.sock, which only sitelink's user can open; "
+                                    "a tcp:// endpoint is encrypted and authenticated with CURVE.")
     status_feed: str = _setting("STATUS_FEED", "tcp://127.0.0.1:5556", _zmq_endpoint,
                                 "Where the logger publishes status changes (ZeroMQ PUB).")
     log_dir: Path = _setting("LOG_DIR", Path("logs"), Path,
                              "Directory of the file logs (relative to SITELINK_HOME).")
     log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")
-    instance_id: str = _setting("INSTANCE_ID", "", _text,
+    instance_id: str = _setting("INSTANCE_ID", "", _instance_id,
                                 "Name of this monitor in claims, logs and events (one monitor per name "
                                 "and database). Default: the host name.")
     monitor_interval: float = _setting("MONITOR_INTERVAL", 30.0, _positive_float,
@@ -149,6 +173,13 @@ class Settings:
                                 "When a child acknowledges a QoS 1/2 message to its broker: after-commit "
                                 "(nothing lost) or on-receipt (paho's default; only to measure the cost "
                                 "of the guarantee).")
+    max_unacked_bytes: int = _setting("MAX_UNACKED_BYTES", 16 * 1024 * 1024, _bytes(64 * 1024, 1 << 32),
+                                      "Bytes of events a child holds that the logger has not committed; at "
+                                      "the limit it stops reading from its broker (with MAX_UNACKED, this "
+                                      "bounds a child's memory).")
+    max_payload: int = _setting("MAX_PAYLOAD", 256 * 1024, _bytes(1024, 64 * 1024 * 1024),
+                                "Largest MQTT payload a child parses, in bytes; a larger message becomes a "
+                                "VALIDATION_ERROR row with its beginning as sample, and is acknowledged.")
     batch_max: int = _setting("BATCH_MAX", 2000, _positive_int,
                               "Most events the logger writes in one transaction.")
     batch_wait: float = _setting("BATCH_WAIT", 0.01, _non_negative_float,
@@ -169,6 +200,10 @@ class Settings:
                                _embedded_database_url(self.home, self.embedded_pg_port))
         if not self.instance_id:
             object.__setattr__(self, "instance_id", socket.gethostname())
+        if not self.runtime_dir.is_absolute():
+            object.__setattr__(self, "runtime_dir", self.home / self.runtime_dir)
+        if not self.events_endpoint:
+            object.__setattr__(self, "events_endpoint", f"ipc://{self.runtime_dir / 'events.sock'}")
         if not self.log_dir.is_absolute():
             object.__setattr__(self, "log_dir", self.home / self.log_dir)
 
@@ -193,6 +228,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                 else f"expected {f.type}"
             raise ConfigError(f"{name}={raw!r} is not valid: {reason}") from None
     settings = Settings(**values)
+    try:
+        _zmq_endpoint(settings.events_endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}EVENTS_ENDPOINT {settings.events_endpoint!r} (from {PREFIX}RUNTIME_DIR) "
+                          f"is not valid: {exc}; set a shorter {PREFIX}RUNTIME_DIR") from None
     if settings.retry_base > settings.retry_cap:
         raise ConfigError(f"{PREFIX}RETRY_BASE ({settings.retry_base}) must not exceed "
                           f"{PREFIX}RETRY_CAP ({settings.retry_cap})")
@@ -216,5 +256,7 @@ def documentation() -> list[tuple[str, str, str]]:
             default = "embedded cluster under var/"
         elif f.name == "instance_id":
             default = "the host name"
+        elif f.name == "events_endpoint":
+            default = "ipc://<runtime dir>/events.sock"
         rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
     return rows

@@ -6,7 +6,16 @@ a sequence number and stay in ``unacked`` until the logger acknowledges
 (after its commit) a sequence number at or above theirs. If no ack comes for
 ``resend_after`` seconds, everything unacknowledged is sent again (then after
 twice as long, up to ``RESEND_CAP``, while the logger stays silent); the
-logger drops what it already committed, so a resend is harmless.
+logger drops what it already committed, so a resend is harmless. An ack that
+asks for it (the logger dropped frames while it could not store them) makes
+the sender send everything unacknowledged at once.
+
+Each event is packed when it is sent, so the sender knows exactly how many
+bytes it holds (``unacked_bytes``: a child stops reading from its broker at a
+limit) and never builds a frame over the wire's limit: deferred events are
+split into frames of at most ``protocol.MAX_FRAME_BYTES``, and an event too
+large for any frame is refused by ``send`` with ``EventTooLarge`` before it
+takes a sequence number.
 """
 
 from __future__ import annotations
@@ -17,35 +26,62 @@ import time
 from collections import OrderedDict
 
 import zmq
+from loguru import logger
 
 from shared import protocol
-from shared.protocol import Ack, Batch, Envelope, Event
+from shared.protocol import Ack, Envelope, Event, Refusal
 
 RESEND_CAP = 60.0
+#: Refusals and protocol errors from the logger logged at most this often.
+REPORT_EVERY = 10.0
+
+
+class EventTooLarge(ValueError):
+    """An event that no frame can carry."""
+
+
+def connect_socket(context: zmq.Context, kind: int, endpoint: str, curve: "object | None" = None) -> zmq.Socket:
+    """A socket to the logger, bounded and, on TCP, authenticated (``shared.curve``)."""
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
+    if curve is not None:
+        curve.secure_client(socket)  # type: ignore[attr-defined]
+    socket.connect(endpoint)
+    return socket
 
 
 class EventSender:
-    def __init__(self, context: zmq.Context, endpoint: str, sender: str, *, resend_after: float):
+    def __init__(self, context: zmq.Context, endpoint: str, sender: str, *, resend_after: float,
+                 curve: object | None = None):
         self.sender = sender
         self.incarnation = f"{os.getpid()}.{secrets.token_hex(4)}"
         self.resend_after = resend_after
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket = connect_socket(context, zmq.DEALER, endpoint, curve)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        self.socket.connect(endpoint)
         self._seq = 0
         self._floor = 0
-        # Frames sent and not yet acknowledged, by the last sequence number they hold.
+        # Frames sent and not yet acknowledged, by the last sequence number
+        # they hold: (frame, events in it).
         self._unacked: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._unacked_events = 0
-        self._deferred: list[Envelope] = []
+        self._unacked_bytes = 0
+        self._deferred: list[bytes] = []
+        self._deferred_bytes = 0
         self._last_progress = time.monotonic()
         self._resend_wait = resend_after
+        self._reported_at = 0.0
+        self.refused = 0  # events the logger refused, since start
 
     @property
     def unacked(self) -> int:
         """Events sent (or about to be) that the logger has not acknowledged."""
         return self._unacked_events + len(self._deferred)
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes of those events, as packed for the wire."""
+        return self._unacked_bytes + self._deferred_bytes
 
     @property
     def last_seq(self) -> int:
@@ -59,25 +95,45 @@ class EventSender:
 
     def send(self, event: Event, defer: bool = False) -> int:
         """Send ``event``; with ``defer``, keep it for the next ``flush_deferred``
-        (one frame for many events), else send it at once, after any deferred."""
-        self._seq += 1
-        envelope = Envelope(sender=self.sender, incarnation=self.incarnation, seq=self._seq,
+        (one frame for many events), else send it at once, after any deferred.
+
+        Raises ``EventTooLarge`` (and sends nothing) for an event no frame can hold.
+        """
+        envelope = Envelope(sender=self.sender, incarnation=self.incarnation, seq=self._seq + 1,
                             floor=self._floor, ts=time.time(), event=event)
-        self._deferred.append(envelope)
+        packed = protocol.pack_envelope(envelope)
+        if len(packed) + protocol.FRAME_OVERHEAD > protocol.MAX_FRAME_BYTES:
+            raise EventTooLarge(f"a {event.KIND} event of {len(packed)} bytes exceeds the wire's "
+                                f"limit of {protocol.MAX_FRAME_BYTES} bytes")
+        self._seq += 1
+        self._deferred.append(packed)
+        self._deferred_bytes += len(packed)
         if not defer:
             self.flush_deferred()
         return self._seq
 
     def flush_deferred(self) -> None:
+        """Send the deferred events, in as few frames as the wire's limits allow."""
         if not self._deferred:
             return
-        batch, self._deferred = self._deferred, []
-        frame = protocol.encode(batch[0] if len(batch) == 1 else Batch(tuple(batch)))
+        packed, self._deferred = self._deferred, []
+        self._deferred_bytes = 0
         if not self._unacked:
             self._last_progress = time.monotonic()
-        self._unacked[batch[-1].seq] = (frame, len(batch))
-        self._unacked_events += len(batch)
-        self._transmit(frame)
+        first_seq = self._seq - len(packed) + 1
+        start = 0
+        while start < len(packed):
+            end, size = start, protocol.FRAME_OVERHEAD
+            while (end < len(packed) and end - start < protocol.MAX_BATCH_EVENTS
+                   and size + len(packed[end]) <= protocol.MAX_FRAME_BYTES):
+                size += len(packed[end])
+                end += 1
+            frame = protocol.frame_of(packed[start:end])
+            self._unacked[first_seq + end - 1] = (frame, end - start)
+            self._unacked_events += end - start
+            self._unacked_bytes += len(frame)
+            self._transmit(frame)
+            start = end
 
     def _transmit(self, frame: bytes) -> None:
         try:
@@ -93,23 +149,45 @@ class EventSender:
             except zmq.Again:
                 return self._floor
             try:
-                message = protocol.decode(frame)
-            except protocol.ProtocolError:
-                continue  # not for us; the logger never sends these
-            if isinstance(message, Ack) and message.incarnation == self.incarnation:
-                self._acked(message.upto)
+                message = protocol.decode_reply(frame)
+            except protocol.ProtocolError as exc:
+                self._report("an unreadable reply from the logger: {}", exc)
+                continue
+            if isinstance(message, Refusal):
+                self._report("the logger refused a frame of ours: {}", message.reason)
+            elif message.incarnation == self.incarnation:
+                self._acked(message)
 
-    def _acked(self, upto: int) -> None:
-        if upto <= self._floor:
-            return
-        self._floor = upto
-        while self._unacked:
-            seq = next(iter(self._unacked))
-            if seq > upto:
-                break
-            self._unacked_events -= self._unacked.pop(seq)[1]
+    def _acked(self, ack: Ack) -> None:
+        if ack.refused:
+            self.refused += len(ack.refused)
+            seq, reason = ack.refused[0]
+            self._report("the logger refused {} event(s) of ours (it recorded them), e.g. #{}: {}",
+                         len(ack.refused), seq, reason)
+        if ack.upto > self._floor:
+            self._floor = min(ack.upto, self._seq)
+            while self._unacked:
+                seq = next(iter(self._unacked))
+                if seq > self._floor:
+                    break
+                frame, count = self._unacked.pop(seq)
+                self._unacked_events -= count
+                self._unacked_bytes -= len(frame)
+            self._last_progress = time.monotonic()
+            self._resend_wait = self.resend_after
+        if ack.resend:
+            self._resend_all()
+
+    def _report(self, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._reported_at >= REPORT_EVERY:
+            self._reported_at = now
+            logger.warning(text, *args)
+
+    def _resend_all(self) -> None:
+        for frame, _ in self._unacked.values():
+            self._transmit(frame)
         self._last_progress = time.monotonic()
-        self._resend_wait = self.resend_after
 
     def resend_due(self) -> float | None:
         """Resend if the logger has been silent too long; return seconds until the next check."""
@@ -119,9 +197,7 @@ class EventSender:
         wait = self._last_progress + self._resend_wait - now
         if wait > 0:
             return wait
-        for frame, _ in self._unacked.values():
-            self._transmit(frame)
-        self._last_progress = now
+        self._resend_all()
         self._resend_wait = min(self._resend_wait * 2, max(RESEND_CAP, self.resend_after))
         return self._resend_wait
 

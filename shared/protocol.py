@@ -479,7 +479,11 @@ def _envelope(doc: object, now: float) -> Envelope | Invalid:
     where = dict(sender=sender, incarnation=incarnation, seq=seq,
                  kind=kind if isinstance(kind, str) and len(kind) <= 20 else None)
     body = doc.get("b")
-    if isinstance(body, dict):
+    # Whose log a refusal goes to: a child's own connection (it is the suspect),
+    # else the connection the event names.
+    if match.group(1) is not None:
+        where["connection_id"] = int(match.group(1))
+    elif isinstance(body, dict):
         cid = body.get("connection_id")
         if type(cid) is int and 1 <= cid <= limits.INT64_MAX:
             where["connection_id"] = cid

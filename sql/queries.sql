@@ -101,30 +101,44 @@ RETURNING s.id, g.site_id, s.name;
 -- status feed needs, read in the same transaction.
 
 -- name: status_connecting
-UPDATE mqtt_connection SET status = 'connecting', status_changed_at = %(at)s
+UPDATE mqtt_connection SET status = 'connecting', status_changed_at = %(at)s, paused_since = NULL
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status;
+RETURNING id, site_id, is_active, status, paused_since;
 
 -- name: status_connected
 UPDATE mqtt_connection
 SET status = 'connected', status_changed_at = %(at)s, last_connected_at = %(at)s, error_message = '',
+    paused_since = NULL,
     mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status;
+RETURNING id, site_id, is_active, status, paused_since;
 
 -- name: status_error
 UPDATE mqtt_connection
-SET status = 'error', status_changed_at = %(at)s, error_message = %(message)s,
+SET status = 'error', status_changed_at = %(at)s, error_message = %(message)s, paused_since = NULL,
     connection_errors = connection_errors + 1,
     mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
     mqtt_next_retry = %(next_retry_at)s
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status;
+RETURNING id, site_id, is_active, status, paused_since;
 
 -- name: status_disconnected
-UPDATE mqtt_connection SET status = 'disconnected', status_changed_at = %(at)s, error_message = %(message)s
+UPDATE mqtt_connection
+SET status = 'disconnected', status_changed_at = %(at)s, error_message = %(message)s, paused_since = NULL
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status;
+RETURNING id, site_id, is_active, status, paused_since;
+
+-- A child paused by backpressure (or flowing again). A status change clears
+-- it too: a child that reconnects starts unpaused.
+-- name: set_flow
+UPDATE mqtt_connection
+SET paused_since = CASE WHEN %(paused)s THEN coalesce(paused_since, %(at)s) END
+WHERE id = %(connection_id)s AND status = 'connected'
+  AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
+RETURNING id, site_id, is_active, status, paused_since;
+
+-- name: known_connections
+SELECT id FROM mqtt_connection WHERE id = ANY(%(ids)s);
 
 -- name: connection_log_insert
 INSERT INTO mqtt_connection_log
@@ -229,7 +243,7 @@ DELETE FROM sitelink_stream WHERE updated_at < now() - make_interval(secs => %(a
 
 -- name: status_table
 SELECT site_id, site, connection_id, broker, is_active, status, last_connected_at,
-       connection_errors, mqtt_retry_count, mqtt_next_retry, error_message
+       connection_errors, mqtt_retry_count, mqtt_next_retry, error_message, paused_since
 FROM connection_overview
 ORDER BY site_id;
 

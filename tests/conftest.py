@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,11 +120,15 @@ class Stack:
         self.broker = broker
         self.sql = SQL(database_url)
         self.log_dir = tmp_path / "logs"
+        # The default transport, an ipc socket in a private runtime directory
+        # (short: a Unix socket's path has at most 107 bytes; tmp_path is long).
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="sl-"))
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SITELINK_")},
             "SITELINK_HOME": str(tmp_path),
             "SITELINK_DATABASE_URL": database_url,
-            "SITELINK_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+            "SITELINK_RUNTIME_DIR": str(self.runtime_dir),
+            "SITELINK_EVENTS_ENDPOINT": f"ipc://{self.runtime_dir}/events.sock",
             "SITELINK_STATUS_FEED": f"tcp://127.0.0.1:{free_port()}",
             "SITELINK_LOG_DIR": str(self.log_dir),
             "SITELINK_LOG_LEVEL": "DEBUG",
@@ -172,6 +177,7 @@ class Stack:
             stop_process(self.procs[name])
         self.procs.clear()
         self.sql.close()
+        remove_tree(self.runtime_dir)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -290,3 +291,64 @@ def joined_feed(stack):
     feed = stack.feed()
     feed.wait_for(lambda t, b: b["type"] == "monitor_cycle", what="a monitor cycle on the feed")
     return feed
+
+
+class SteadyPublisher:
+    """Gateways that publish a numbered reading per site every ``interval``
+    seconds at QoS 1, in a thread, until stopped: the good traffic that must
+    keep flowing while something hostile happens."""
+
+    def __init__(self, port: int, sites: list[str], interval: float = 0.02, base_ts: int = 1795860000):
+        self.sites = sites
+        self.interval = interval
+        self.base_ts = base_ts
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"steady-{os.getpid()}-{id(self)}")
+        self.client.max_inflight_messages_set(100)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.sent = 0  # readings per site
+        self._infos: list[mqtt.MQTTMessageInfo] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for site in self.sites:
+                body = {"gateway": "GW", "ts": self.base_ts + self.sent, "sensors": {"S": {"n": self.sent}}}
+                self._infos.append(self.client.publish(f"sites/{site}/GW", json.dumps(body), qos=1))
+            self.sent += 1
+
+    def stop(self) -> int:
+        """Stop publishing, wait for the broker to have everything; return readings per site."""
+        self._stop.set()
+        self._thread.join()
+        wait_for(lambda: all(i.is_published() for i in self._infos), 30, "the broker to take every reading")
+        return self.sent
+
+    def close(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``pid`` from /proc/<pid>/status (VmRSS now, VmHWM its peak), in KiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def one_line_log(path: Path) -> list[str]:
+    """The lines of a file log, each checked to be one whole record."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        assert line[:4].isdigit() and line.isprintable(), f"not one log record: {line[:200]!r}"
+    return lines

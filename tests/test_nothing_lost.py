@@ -15,7 +15,8 @@ import zmq
 from shared import protocol
 from shared.protocol import Ack, Batch, Data, Envelope
 from tests.conftest import Stack
-from tests.support import (Mosquitto, alive, monitor_children, remove_tree, wait_for, world_traversable_tmpdir)
+from tests.support import (Mosquitto, alive, memory_kib, monitor_children, remove_tree, wait_for,
+                           world_traversable_tmpdir)
 
 SITES = ("north", "south", "east")
 PER_SITE = 150
@@ -51,25 +52,17 @@ class NumberedPublisher:
         self.client.disconnect()
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 class MemoryWatch:
     """Largest resident size of some processes, sampled while a test waits."""
 
     def __init__(self, pids: list[int]):
-        self.start = {pid: rss_kib(pid) for pid in pids}
+        self.start = {pid: memory_kib(pid) for pid in pids}
         self.peak = dict(self.start)
 
     def sample(self) -> None:
         for pid in self.peak:
             if alive(pid):
-                self.peak[pid] = max(self.peak[pid], rss_kib(pid))
+                self.peak[pid] = max(self.peak[pid], memory_kib(pid))
 
     def assert_bounded(self) -> None:
         for pid, peak in self.peak.items():
@@ -230,7 +223,11 @@ def test_mosquitto_restarted_with_its_persistence(stack):
 
 
 def test_a_poison_event_is_isolated_and_the_rest_stored(stack, broker):
+    """An event that passes the logger's checks but that PostgreSQL refuses (here
+    a rule of the operator's own: a CHECK on gateway names) is isolated from its
+    batch, recorded as a DB_ERROR and acknowledged; the rest is stored."""
     cid = stack.sql.add_site("poison", port=broker.port, active=False)
+    stack.sql.rows("ALTER TABLE gateway ADD CONSTRAINT no_poison CHECK (name <> 'POISON')")
     stack.start("logger")
     context = zmq.Context()
     sender = context.socket(zmq.DEALER)
@@ -238,24 +235,29 @@ def test_a_poison_event_is_isolated_and_the_rest_stored(stack, broker):
     try:
         events = [Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
                        sensors={"S": {"n": float(n)}}) for n in range(10)]
-        # A buggy parser's record: a gateway name longer than the column allows.
-        events.insert(5, Data(connection_id=cid, topic="t/bad", gateway="G" * 300, ts=BASE_TS, sensors={"S": {"n": 1.0}}))
+        events.insert(5, Data(connection_id=cid, topic="t/bad", gateway="POISON", ts=BASE_TS,
+                              sensors={"S": {"n": 1.0}}))
         for seq, event in enumerate(events, 1):
-            sender.send(protocol.encode(Envelope(sender="test:poison", incarnation="1", seq=seq, floor=0,
+            sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation="1", seq=seq, floor=0,
                                                  ts=time.time(), event=event)))
         wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 10, what="the good readings")
         [row] = wait_for(lambda: stack.sql.rows("SELECT * FROM mqtt_parsing_log WHERE error_type = 'DB_ERROR'"),
                          what="the DB_ERROR row")
-        assert row["topic"] == "t/bad" and "G" * 300 in json.dumps(row["payload_sample"])
+        assert row["topic"] == "t/bad" and "POISON" in json.dumps(row["payload_sample"])
         assert "could not store a data event" in row["error_message"]
+
+        refused: list[int] = []
 
         def acked_all():
             while sender.poll(0):
-                message = protocol.decode(sender.recv())
-                if isinstance(message, Ack) and message.upto == len(events):
-                    return True
+                message = protocol.decode_reply(sender.recv())
+                if isinstance(message, Ack):
+                    refused.extend(seq for seq, _ in message.refused)
+                    if message.upto == len(events):
+                        return True
             return False
         wait_for(acked_all, what="every event acknowledged, the poison too")
+        assert refused == [6]  # the sender is told which one, and why
     finally:
         sender.close(linger=0)
         context.term()

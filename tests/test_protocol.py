@@ -8,10 +8,12 @@ import time
 import msgpack
 import pytest
 
-from shared import limits, protocol
+from shared import protocol
 from shared.connections import ConnectionSettings
 from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid,
                              MonitorCycle, ParseFailure, ProtocolError, Refusal, StatusChange)
+from tests import hostile
+from tests.hostile import doc, pack
 
 NOW = time.time()
 CHILD_EVENTS = [
@@ -58,17 +60,6 @@ def test_ack_and_refusal_round_trip():
         protocol.decode_reply(protocol.encode(envelope(CHILD_EVENTS[1])))
 
 
-def doc(kind="connlog", body=None, **header):
-    d = {"v": protocol.VERSION, "k": kind, "s": "conn:1", "i": "12.ab", "n": 3, "f": 0, "t": NOW,
-         "b": {"connection_id": 1, "level": "INFO", "message": "m"} if body is None else body}
-    d.update(header)
-    return d
-
-
-def pack(d) -> bytes:
-    return msgpack.packb(d, use_bin_type=True)
-
-
 @pytest.mark.parametrize("raw, match", [
     (b"\xc1", "not msgpack"),
     (b"", "not msgpack"),
@@ -84,88 +75,28 @@ def test_a_frame_that_is_no_event_frame_raises_one_error(raw, match):
         protocol.decode_events(raw)
 
 
-# Each case: a header or body no real sender produces. The logger must learn
-# whose it was (sender, incarnation, seq) whenever the header allows, so that
-# it can record the refusal and acknowledge it.
-MESSAGE_OK = {"connection_id": 1, "level": "INFO", "message": "m"}
-DATA_OK = {"connection_id": 1, "topic": "t", "gateway": "GW", "ts": NOW, "sensors": {"S": {"t": 1.0}}}
-ATTRIBUTABLE = [
-    ("seq beyond bigint", doc(n=2**63), False),
-    ("seq beyond 64 bits", doc(n=2**64 - 1), False),
-    ("seq zero", doc(n=0), False),
-    ("floor not below seq", doc(n=3, f=3), True),
-    ("negative floor", doc(f=-1), True),
-    ("floor beyond bigint", doc(f=2**63 + 5), True),
-    ("NaN timestamp", doc(t=math.nan), True),
-    ("infinite timestamp", doc(t=math.inf), True),
-    ("timestamp in 2100", doc(t=4102444800.0), True),
-    ("timestamp 1e300", doc(t=1e300), True),
-    ("timestamp as text", doc(t="now"), True),
-    ("unknown kind", doc(kind="launch"), True),
-    ("body not a map", doc(body=[1, 2]), True),
-    ("connection id beyond bigint", doc(body={**MESSAGE_OK, "connection_id": 2**63}), True),
-    ("connection id zero", doc(body={**MESSAGE_OK, "connection_id": 0}), True),
-    ("connection id as text", doc(body={**MESSAGE_OK, "connection_id": "1"}), True),
-    ("another connection's event", doc(body={**MESSAGE_OK, "connection_id": 2}), True),
-    ("a child sending a monitor cycle", doc(kind="cycle", body={
-        "instance_id": "m", "running": 1, "started": 0, "stopped": 0, "offline": {}, "duration": 0.0}), True),
-    ("a monitor sending data", doc(kind="data", s="monitor:m1", body=DATA_OK), True),
-    ("level not a level", doc(body={**MESSAGE_OK, "level": "LOUD"}), True),
-    ("missing field", doc(body={"connection_id": 1, "level": "INFO"}), True),
-    ("unknown field", doc(body={**MESSAGE_OK, "extra": 1}), True),
-    ("message of a megabyte", doc(body={**MESSAGE_OK, "message": "x" * 2**20}), True),
-    ("retry attempt beyond integer", doc(kind="connlog", body={**MESSAGE_OK, "retry_attempt": 2**40}), True),
-    ("status retry time in 3000", doc(kind="status", body={
-        "connection_id": 1, "status": "error", "message": "m", "next_retry_at": 32503680000.0}), True),
-    ("status not a status", doc(kind="status", body={"connection_id": 1, "status": "party", "message": "m"}), True),
-    ("gave_up not a bool", doc(kind="status", body={
-        "connection_id": 1, "status": "error", "message": "m", "gave_up": 1}), True),
-    ("data ts NaN", doc(kind="data", body={**DATA_OK, "ts": math.nan}), True),
-    ("data ts in 2100", doc(kind="data", body={**DATA_OK, "ts": 4102444800.0}), True),
-    ("gateway with a newline", doc(kind="data", body={**DATA_OK, "gateway": "GW\n2026 | ERROR | forged"}), True),
-    ("gateway with an escape", doc(kind="data", body={**DATA_OK, "gateway": "GW\x1b[31m"}), True),
-    ("gateway too long", doc(kind="data", body={**DATA_OK, "gateway": "G" * 129}), True),
-    ("gateway empty", doc(kind="data", body={**DATA_OK, "gateway": " "}), True),
-    ("gateway a number", doc(kind="data", body={**DATA_OK, "gateway": 5}), True),
-    ("sensors a list", doc(kind="data", body={**DATA_OK, "sensors": [1]}), True),
-    ("metrics a number", doc(kind="data", body={**DATA_OK, "sensors": {"S": 5}}), True),
-    ("metrics empty", doc(kind="data", body={**DATA_OK, "sensors": {"S": {}}}), True),
-    ("value a string", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": "hot"}}}), True),
-    ("value a list", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": [1.0]}}}), True),
-    ("value an integer", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": 2**63}}}), True),
-    ("value infinite", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t": math.inf}}}), True),
-    ("metric name with U+2028", doc(kind="data", body={**DATA_OK, "sensors": {"S": {"t\u2028": 1.0}}}), True),
-    ("too many sensors", doc(kind="data", body={**DATA_OK, "sensors": {
-        f"S{i}": {"t": 1.0} for i in range(limits.MAX_SENSORS + 1)}}), True),
-    ("too many metrics", doc(kind="data", body={**DATA_OK, "sensors": {
-        "S": {f"m{i}": 1.0 for i in range(limits.MAX_METRICS + 1)}}}), True),
-    ("too many values", doc(kind="data", body={**DATA_OK, "sensors": {
-        f"S{i}": {f"m{j}": 1.0 for j in range(200)} for i in range(60)}}), True),
-    ("payload sample too big", doc(kind="parsefail", body={
-        "connection_id": 1, "topic": "t", "parser_name": "json", "error_type": "PARSE_ERROR",
-        "error_message": "m", "payload": b"x" * (protocol.MAX_PAYLOAD_SAMPLE_BYTES + 1)}), True),
-    ("payload as text", doc(kind="parsefail", body={
-        "connection_id": 1, "topic": "t", "parser_name": "json", "error_type": "PARSE_ERROR",
-        "error_message": "m", "payload": "text"}), True),
-]
-
-
-@pytest.mark.parametrize("case, raw, seq_known", ATTRIBUTABLE, ids=[c[0] for c in ATTRIBUTABLE])
-def test_an_envelope_no_real_sender_makes_is_invalid_and_says_whose(case, raw, seq_known):
+@pytest.mark.parametrize("case", hostile.envelopes(1, 2), ids=lambda c: c[0])
+def test_an_envelope_no_real_sender_makes_is_invalid_and_says_whose(case):
+    name, raw, seq_known = case
     [item] = protocol.decode_events(pack(raw))
-    assert isinstance(item, Invalid), case
+    assert isinstance(item, Invalid), name
     assert item.reason
-    assert item.sender == "conn:1" or raw["s"] != "conn:1"
+    assert item.sender == raw["s"]
     assert (item.seq is not None) == seq_known
     with pytest.raises(ProtocolError):
         protocol.decode(pack(raw))
 
 
-@pytest.mark.parametrize("header", [{"s": "root"}, {"s": "conn:0"}, {"s": "conn:x"}, {"s": 5},
-                                    {"s": "conn:1\n"}, {"i": ""}, {"i": "a b"}, {"i": "x" * 65}, {"i": None}])
-def test_an_envelope_without_a_sender_cannot_be_acknowledged(header):
-    [item] = protocol.decode_events(pack(doc(**header)))
+@pytest.mark.parametrize("case", hostile.unattributable(), ids=lambda c: c[0])
+def test_an_envelope_without_a_sender_cannot_be_acknowledged(case):
+    [item] = protocol.decode_events(pack(case[1]))
     assert isinstance(item, Invalid) and item.stream is None
+
+
+@pytest.mark.parametrize("case", [c for c in hostile.frames() if len(c[1]) == 1], ids=lambda c: c[0])
+def test_a_message_that_is_no_event_frame_raises_one_error(case):
+    with pytest.raises(ProtocolError):
+        protocol.decode_events(case[1][0])
 
 
 def test_one_bad_envelope_does_not_spoil_its_batch():
