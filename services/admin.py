@@ -75,10 +75,13 @@ def status(settings: config.Settings) -> int:
             rows = s.rows("status_table")
     finally:
         database.close()
+    for r in rows:
+        if r["paused_since"] is not None:  # connected, but not reading: the logger is behind
+            r["status"] = f"{r['status']}, paused since {_fmt(r['paused_since'])}"
     columns = [("site", "site"), ("active", "is_active"), ("status", "status"),
-               ("last connected", "last_connected_at"), ("errors", "connection_errors"),
-               ("retry", "mqtt_retry_count"), ("next retry", "mqtt_next_retry"), ("broker", "broker"),
-               ("message", "error_message")]
+               ("last connected", "last_connected_at"), ("last data", "last_data_at"),
+               ("errors", "connection_errors"), ("retry", "mqtt_retry_count"), ("next retry", "mqtt_next_retry"),
+               ("broker", "broker"), ("message", "error_message")]
     table = [[h for h, _ in columns]] + [[_fmt(r[k])[:60] for _, k in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for i, row in enumerate(table):

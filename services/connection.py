@@ -21,14 +21,17 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import select
 import signal
+import socket
 import ssl
 import sys
 import time
 import traceback
 
 import paho.mqtt.client as mqtt
+from paho.mqtt import _packet
 import zmq
 from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
@@ -38,7 +41,7 @@ from shared import backoff, config, curve, db, exitcodes, limits, logs, parsers,
 from shared.attempts import AttemptSlots
 from shared.connections import ConnectionSettings
 from shared.events import EventSender, EventTooLarge
-from shared.protocol import ConnectionLog, Data, ParseFailure, StatusChange
+from shared.protocol import ConnectionLog, Data, Flow, ParseFailure, StatusChange
 from shared.signals import SignalPipe
 
 #: How often the loop wakes at the least, for keepalive pings and timers.
@@ -50,6 +53,9 @@ SESSION_EXPIRY = 7 * 24 * 3600
 #: What a PUBLISH may hold besides its payload: the topic (at most 65535
 #: bytes), its length, a packet id and MQTT 5 properties.
 MAX_PUBLISH_HEADER = 65535 + 2 + 2 + 64 * 1024
+#: A child paused this long by backpressure says so (shorter pauses are the
+#: normal rhythm of a busy pipeline).
+PAUSE_REPORT_AFTER = 5.0
 
 #: CONNACK reason codes that retrying will not fix, in plain words.
 REJECTIONS = {
@@ -91,7 +97,7 @@ def describe_exception(exc: BaseException) -> str:
 
 
 class ReadAheadClient(mqtt.Client):
-    """paho with two changes at the boundary where a broker's bytes enter.
+    """paho with three changes at the boundary where a broker's bytes enter.
 
     Reads ahead: paho reads each packet with two or three recv() calls of a
     few bytes; this serves them from one large read, a syscall per burst.
@@ -104,7 +110,17 @@ class ReadAheadClient(mqtt.Client):
     tells the handler the real size. Any other packet that large is a broken
     broker: the connection is closed.
 
-    This relies on paho's private ``_sock_recv`` and ``_in_packet``.
+    QoS 2 acknowledged after the commit: paho answers PUBREC as soon as a
+    QoS 2 PUBLISH arrives, so a child killed before the logger committed it
+    would lose it (the broker discards it after PUBREC). Here a QoS 2 message
+    is delivered on PUBLISH, PUBREC goes out with ``ack()`` (after the
+    commit) and a PUBREL is answered with PUBCOMP; a redelivery after a crash
+    is harmless (``reading``'s natural key).
+
+    These rely on paho's private ``_sock_recv``, ``_in_packet``,
+    ``_handle_publish``, ``_handle_pubrel``, ``_send_pubrec``,
+    ``_send_pubcomp``, ``_ping_t`` and ``_send_pingreq``: pyproject pins
+    paho-mqtt below 2.3 and ``tests/test_limits.py`` checks they exist.
     """
 
     READ_SIZE = 64 * 1024  # a burst's worth; each read is a new bytes object
@@ -117,6 +133,8 @@ class ReadAheadClient(mqtt.Client):
         self._ahead_at = 0
         self._giant: _Giant | None = None
         self._oversized: int | None = None
+        self._qos2_receiving = False
+        self._qos2_mid: int | None = None
 
     @property
     def buffered(self) -> bool:
@@ -164,6 +182,49 @@ class ReadAheadClient(mqtt.Client):
     def _sock_close(self) -> None:
         self._ahead, self._ahead_at, self._giant = b"", 0, None
         super()._sock_close()
+
+    # -- QoS 2: PUBREC after the commit
+
+    def _handle_publish(self):
+        if (self._in_packet["command"] & 0x06) >> 1 != 2 or not self._manual_ack:
+            return super()._handle_publish()
+        self._qos2_receiving = True
+        try:
+            rc = super()._handle_publish()  # stores the message; its PUBREC is held back
+        finally:
+            self._qos2_receiving = False
+        with self._in_message_mutex:
+            message = self._in_messages.pop(self._qos2_mid, None)
+        if message is not None:
+            self._handle_on_message(message)
+        return rc
+
+    def _send_pubrec(self, mid: int):
+        if self._qos2_receiving:
+            self._qos2_mid = mid  # sent by ack(), once the logger committed what it produced
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._send_pubrec(mid)
+
+    def ack(self, mid: int, qos: int):
+        if qos == 2 and self._manual_ack:
+            return self._send_pubrec(mid)
+        return super().ack(mid, qos)
+
+    def _handle_pubrel(self):
+        rc = super()._handle_pubrel()  # finds nothing stored: delivered on PUBLISH already
+        if not self._manual_ack:
+            return rc
+        mid = _packet.decode_pubrel(self._in_packet["command"], self._in_packet["packet"], self._protocol).mid
+        return self._send_pubcomp(mid)
+
+    # -- keepalive while paused
+
+    def ping_while_paused(self) -> None:
+        """Keep the broker from dropping a session we do not read from: a
+        PINGREQ, whose answer waits unread; paho must not count it as missing."""
+        self._send_pingreq()
+        self._ping_t = 0
+
 
 class _Giant:
     """An oversized PUBLISH read and dropped as it arrives: keeps its topic,
@@ -275,6 +336,9 @@ class ConnectionChild:
         #: (last event seq, mid, qos) of received messages not yet acknowledged to the broker
         self.broker_acks: collections.deque[tuple[int, int, int]] = collections.deque()
         self.quick_losses = 0  # connections in a row the broker closed soon after they were made
+        self.paused_at: float | None = None  # since when backpressure holds reading (monotonic)
+        self.pause_reported = False
+        self.paused_ping_at = 0.0
         self.stopping = False
         self.exit_code = exitcodes.OK
 
@@ -416,6 +480,7 @@ class ConnectionChild:
         if self.status == "connecting":
             self.connack_deadline = None
             self.failures = self.rejections = 0
+            _bound_unacknowledged_sends(client.socket(), self.conn.keepalive * 1.5 + self.conn.ping_seconds)
             self.last_traffic = self.connected_at = time.monotonic()
             self.transition("connected", f"Successfully connected to {self.where}")
         for topic, code in zip(self.conn.topics, reason_codes):
@@ -497,6 +562,38 @@ class ConnectionChild:
         """At the limit of events (or bytes) the logger has not committed: read nothing more."""
         return (self.events.unacked >= self.settings.max_unacked
                 or self.events.unacked_bytes >= self.settings.max_unacked_bytes)
+
+    def _while_paused(self, paused: bool) -> None:
+        """Backpressure that says so, and a session that stays alive meanwhile.
+
+        A child that reads nothing sees no PINGRESP: it still sends PINGREQs
+        (the broker keeps the session) and relies on TCP_USER_TIMEOUT (set on
+        connect) to notice a dead path. A pause longer than
+        PAUSE_REPORT_AFTER is reported (``paused_since`` in the row, ``paused``
+        on the feed), and so is its end.
+        """
+        now = time.monotonic()
+        if not paused:
+            if self.pause_reported:
+                self.events.send(Flow(connection_id=self.conn.connection_id, paused=False))
+            self.paused_at, self.pause_reported = None, False
+            return
+        if self.paused_at is None:
+            self.paused_at = now
+        if self.status != "connected" or self.client.socket() is None:
+            return
+        if not self.pause_reported and now - self.paused_at >= PAUSE_REPORT_AFTER:
+            self.pause_reported = True
+            self.events.send(Flow(connection_id=self.conn.connection_id, paused=True,
+                                  unacked=self.events.unacked))
+            logger.warning("connection {} paused: the logger has not stored {} events ({} bytes)",
+                           self.conn.connection_id, self.events.unacked, self.events.unacked_bytes)
+        if now - self.paused_ping_at >= self.conn.keepalive / 2:
+            self.paused_ping_at = now
+            self.client.ping_while_paused()
+        error = self.client.socket().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._drop(f"the path to the broker is dead ({os.strerror(error)}) while paused")
 
     # -- the loop
 
@@ -583,6 +680,7 @@ class ConnectionChild:
                 self.client.loop_write()
         if paused:
             self.last_traffic = time.monotonic()  # our own silence is no stall
+        self._while_paused(paused)
         if (self.status == "connecting" and self.connack_deadline is not None
                 and time.monotonic() > self.connack_deadline):
             self.connack_deadline = None  # counted here, not again by the disconnect callback
@@ -674,6 +772,18 @@ def _topic(message: mqtt.MQTTMessage) -> tuple[str, bool]:
         return raw.decode("utf-8"), True
     except UnicodeDecodeError:
         return raw.decode("utf-8", errors="backslashreplace"), False
+
+
+def _bound_unacknowledged_sends(sock, seconds: float) -> None:
+    """TCP_USER_TIMEOUT: the kernel closes the connection when what we sent
+    stays unacknowledged this long (a dead path, noticed even while paused)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is None or option is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+    except OSError:
+        pass
 
 
 def load_settings_from_db(settings: config.Settings, connection_id: int) -> ConnectionSettings:

@@ -243,7 +243,7 @@ DELETE FROM sitelink_stream WHERE updated_at < now() - make_interval(secs => %(a
 
 -- name: status_table
 SELECT site_id, site, connection_id, broker, is_active, status, last_connected_at,
-       connection_errors, mqtt_retry_count, mqtt_next_retry, error_message, paused_since
+       connection_errors, mqtt_retry_count, mqtt_next_retry, error_message, paused_since, last_data_at
 FROM connection_overview
 ORDER BY site_id;
 

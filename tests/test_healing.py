@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 
 from tests.support import (Mosquitto, Publisher, alive, connection_children, joined_feed, monitor_children,
@@ -310,3 +311,47 @@ def test_a_persistent_session_loses_no_qos1_message_across_a_reconnect(stack, br
                                   **{"S-1": {"t": minute}}))
     wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 5, timeout=20,
              what="the 5 readings after the restart")
+
+
+# --- 8. "connected" means data can flow --------------------------------------------------------
+
+def test_a_child_paused_by_backpressure_keeps_its_session_and_says_so(stack, own_broker):
+    """The logger falls behind (its insert waits on a lock): the child stops
+    reading, keeps its MQTT session alive with PINGREQs for longer than the
+    broker's keepalive timeout, and says it is paused — in the connection log,
+    the row and the feed — and that it flows again afterwards."""
+    mqtt_broker = own_broker(["allow_anonymous true", "log_type all"])
+    cid = stack.sql.add_site("paused", port=mqtt_broker.port, keepalive=5, stall_after=None)
+    stack.start("logger", "monitor", SITELINK_MAX_UNACKED="20")
+    stack.sql.wait_status(cid, "connected")
+    client_id = stack.sql.value("SELECT client_id FROM mqtt_connection WHERE id = %s", cid)
+    feed = joined_feed(stack)
+    locker = psycopg.connect(stack.sql.url, autocommit=False)
+    publisher = Publisher(mqtt_broker.port)
+    try:
+        locker.execute("LOCK TABLE reading IN EXCLUSIVE MODE")
+        for n in range(100):
+            publisher.publish("sites/paused/GW", reading(gateway="GW", datalogger=None, ts=1795860000 + n,
+                                                        **{"S": {"n": n}}))
+        wait_for(lambda: "paused: the logger has not stored" in stack.output("monitor"), timeout=30,
+                 what="the child to say it is paused")
+        log = mqtt_broker.log
+        start = len(log.read_text(errors="replace"))
+        # Four PINGREQs at keepalive / 2 apart: paused for longer than the
+        # broker waits (1.5 x keepalive) before it drops a silent client.
+        wait_for(lambda: log.read_text(errors="replace")[start:].count(f"Received PINGREQ from {client_id}") >= 4,
+                 timeout=30, what="the paused child to keep pinging")
+        assert "exceeded timeout" not in log.read_text(errors="replace")[start:]
+    finally:
+        locker.rollback()
+        locker.close()
+        publisher.close()
+    wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 100, timeout=30, what="every reading")
+    wait_for(lambda: log_rows(stack, cid, "reading from the broker again%"), what="the end of the pause logged")
+    [paused] = log_rows(stack, cid, "paused: %")
+    assert paused["level"] == "WARNING"
+    assert len(log_rows(stack, cid, "Successfully connected%")) == 1  # the session was never lost
+    feed.wait_for(lambda t, b: b["type"] == "mqtt_status" and b["paused"] is True, what="paused on the feed")
+    feed.wait_for(lambda t, b: b["type"] == "mqtt_status" and b["paused"] is False
+                  and b["status"] == "connected", what="flowing again on the feed")
+    assert stack.sql.value("SELECT paused_since FROM mqtt_connection WHERE id = %s", cid) is None

@@ -15,7 +15,7 @@ import zmq
 from shared import protocol
 from shared.protocol import Ack, Batch, Data, Envelope
 from tests.conftest import Stack
-from tests.support import (Mosquitto, alive, memory_kib, monitor_children, remove_tree, wait_for,
+from tests.support import (Mosquitto, Publisher, alive, memory_kib, monitor_children, remove_tree, wait_for,
                            world_traversable_tmpdir)
 
 SITES = ("north", "south", "east")
@@ -27,9 +27,10 @@ GROWTH_BOUND_KIB = 40 * 1024
 
 
 class NumberedPublisher:
-    """Publishes reading n of each site at QoS 1 (ts = BASE_TS + n), n = 0..PER_SITE-1."""
+    """Publishes reading n of each site at QoS 1 or 2 (ts = BASE_TS + n), n = 0..PER_SITE-1."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, qos: int = 1):
+        self.qos = qos
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"numbered-{os.getpid()}",
                                   clean_session=False)
         self.client.max_inflight_messages_set(200)
@@ -42,7 +43,7 @@ class NumberedPublisher:
         for n in numbers:
             for site in SITES:
                 body = {"gateway": "GW", "datalogger": "DL", "ts": BASE_TS + n, "sensors": {"S": {"n": n}}}
-                self.infos.append(self.client.publish(f"sites/{site}/GW/DL", json.dumps(body), qos=1))
+                self.infos.append(self.client.publish(f"sites/{site}/GW/DL", json.dumps(body), qos=self.qos))
 
     def wait_acked(self, timeout: float = 60) -> None:
         wait_for(lambda: all(i.is_published() for i in self.infos), timeout, "the broker to take every message")
@@ -69,8 +70,8 @@ class MemoryWatch:
             assert peak - self.start[pid] < GROWTH_BOUND_KIB, f"pid {pid} grew by {peak - self.start[pid]} KiB"
 
 
-def start_sites(stack: Stack, port: int, **env: str) -> list[int]:
-    ids = [stack.sql.add_site(site, port=port, stall_after=None) for site in SITES]
+def start_sites(stack: Stack, port: int, qos: int = 1, **env: str) -> list[int]:
+    ids = [stack.sql.add_site(site, port=port, stall_after=None, qos=qos) for site in SITES]
     stack.start("logger", "monitor", SITELINK_MAX_UNACKED="100", SITELINK_CLAIM_LEASE="3", **env)
     for cid in ids:
         stack.sql.wait_status(cid, "connected")
@@ -117,11 +118,13 @@ def test_sigkill_of_a_child(stack, broker, numbered):
     assert_every_reading_once(stack)
 
 
-def test_sigkill_of_children_holding_messages_the_logger_never_committed(stack, broker, numbered):
+@pytest.mark.parametrize("qos", [1, 2])
+def test_sigkill_of_children_holding_messages_the_logger_never_committed(stack, broker, qos):
     """The broker keeps what no commit confirmed: messages that children had
     received and reported, but that were never committed, are redelivered
-    after the children die."""
-    ids = start_sites(stack, broker.port)
+    after the children die. At QoS 2 too: PUBREC waits for the commit."""
+    numbered = NumberedPublisher(broker.port, qos=qos)
+    ids = start_sites(stack, broker.port, qos=qos)
     stack.stop("logger", signal.SIGKILL)
     # A stand-in logger that takes the children's events and never acknowledges.
     context = zmq.Context()
@@ -151,6 +154,7 @@ def test_sigkill_of_children_holding_messages_the_logger_never_committed(stack, 
     numbered.publish(range(50, PER_SITE))
     numbered.wait_acked()
     assert_every_reading_once(stack)
+    numbered.close()
 
 
 def test_sigkill_of_the_logger(stack, broker, numbered):
@@ -261,3 +265,42 @@ def test_a_poison_event_is_isolated_and_the_rest_stored(stack, broker):
     finally:
         sender.close(linger=0)
         context.term()
+
+
+def test_the_loggers_memory_stays_flat_through_a_long_outage_while_children_resend(own_postgres, broker):
+    """PostgreSQL away, three children each holding 1000 events (2.6 MB) and
+    resending them every few seconds: the logger keeps one batch and drops the rest
+    (its senders keep it), so its memory does not grow with the outage; once
+    PostgreSQL is back, everything is stored exactly once."""
+    server, stack = own_postgres
+    sites = [f"flat-{i}" for i in range(3)]
+    ids = [stack.sql.add_site(site, port=broker.port, stall_after=None) for site in sites]
+    stack.start("logger", "monitor", SITELINK_MAX_UNACKED="1000", SITELINK_RESEND_AFTER="0.5",
+                SITELINK_BATCH_MAX="500", SITELINK_DB_RETRY_CAP="2", SITELINK_CLAIM_LEASE="60")
+    for cid in ids:
+        stack.sql.wait_status(cid, "connected")
+    logger_pid = stack.pid("logger")
+    baseline = memory_kib(logger_pid)
+    stack.sql.close()
+    server.stop()
+    publisher = Publisher(broker.port)
+    sensors = {f"S{i}": {f"m{j}": float(j) for j in range(20)} for i in range(10)}
+    try:
+        for n in range(1000):
+            for site in sites:
+                publisher.client.publish(f"sites/{site}/GW", json.dumps(
+                    {"gateway": "GW", "ts": BASE_TS + n, "sensors": sensors}), qos=1)
+        peak = baseline
+
+        def outage_long_enough():
+            nonlocal peak
+            peak = max(peak, memory_kib(logger_pid))
+            return stack.output("logger").count("cannot write to PostgreSQL") >= 8
+        wait_for(outage_long_enough, timeout=90, what="eight failed writes of the logger", interval=0.1)
+    finally:
+        publisher.close()
+    server.start()
+    wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == 3 * 1000 * 10, timeout=120,
+             what="every reading after the outage", interval=0.2)
+    assert peak - baseline < 16 * 1024, f"the logger grew by {peak - baseline} KiB during the outage"
+    assert "dropped" in stack.output("logger")  # it did drop resends meanwhile, and asked for them again

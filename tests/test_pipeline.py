@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.support import (alive, cmdline, free_port, joined_feed, monitor_children, reading, wait_for)
+from tests.conftest import SQL
+from tests.support import (ROOT, alive, cmdline, free_port, joined_feed, monitor_children, reading, wait_for)
 
 
 # --- the seed's three ---------------------------------------------------------
@@ -305,3 +308,21 @@ def test_changed_broker_settings_restart_only_that_child(stack, broker, publishe
     publisher.publish("new/sigma/GW-9", reading(gateway="GW-9", **{"S-1": {"t": 1}}))
     wait_for(lambda: stack.sql.value("SELECT count(*) FROM gateway WHERE name = 'GW-9'") == 1,
              what="a reading on the new topic")
+
+
+def test_make_status_shows_a_paused_connection_and_when_data_last_came(database_url, tmp_path):
+    sql = SQL(database_url)
+    try:
+        cid = sql.add_site("status-site", port=1883)
+        sql.rows("UPDATE mqtt_connection SET status = 'connected', paused_since = now() WHERE id = %s", cid)
+        sql.rows("INSERT INTO gateway (site_id, name, last_seen_at) SELECT site_id, 'GW', '2026-11-28T10:00:00Z' "
+                 "FROM mqtt_connection WHERE id = %s", cid)
+    finally:
+        sql.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SITELINK_")},
+           "SITELINK_DATABASE_URL": database_url, "TZ": "UTC"}
+    out = subprocess.run([sys.executable, "-m", "services.admin", "status"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    [line] = [l for l in out.splitlines() if l.startswith("status-site")]
+    assert "connected, paused since" in line and "2026-11-28 10:00:00" in line
+    assert "last data" in out.splitlines()[0]
