@@ -22,6 +22,8 @@ from shared import config, db
 DEMO_SITES = ("alpine-hut", "harbour-pump", "vineyard-north")
 #: A site whose broker does not exist, so errors and retries show.
 DEMO_BROKEN_SITE = "offshore-buoy"
+#: Largest feed message `watch` reads; a publisher sending more is disconnected.
+FEED_MESSAGE_LIMIT = 1 << 20
 
 
 def migrate(settings: config.Settings) -> int:
@@ -96,6 +98,7 @@ def status(settings: config.Settings) -> int:
 def watch(settings: config.Settings, topic: str) -> int:
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.MAXMSGSIZE, FEED_MESSAGE_LIMIT)  # a feed message is a few hundred bytes
     sub.connect(settings.status_feed)
     sub.setsockopt_string(zmq.SUBSCRIBE, topic)
     print(f"watching {settings.status_feed} (topic prefix {topic!r}); Ctrl-C to stop", file=sys.stderr)

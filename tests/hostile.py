@@ -4,6 +4,7 @@ processes of ``tests/test_hostile.py`` and the soak benchmark face."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -115,4 +116,31 @@ def frames() -> list[tuple[str, list[bytes]]]:
                                        "e": [1] * (protocol.MAX_BATCH_EVENTS + 1)})]),
         ("three frames", [b"a", b"b", b"c"]),
         ("deep nesting", [b"\x91" * 100_000 + b"\xc0"]),
+    ]
+
+
+def payloads(limit: int) -> list[tuple[str, bytes, str]]:
+    """(name, payload, the error type it must become) for a child whose
+    SITELINK_MAX_PAYLOAD is ``limit``."""
+    number = b'{"gateway": "G", "ts": 1795860000, "sensors": {"S": {"t": 1'
+    return [
+        ("not UTF-8", b"\xff\xfe{}", "PARSE_ERROR"),
+        ("not JSON", b"{gateway", "PARSE_ERROR"),
+        ("empty", b"", "PARSE_ERROR"),
+        ("NaN", b'{"gateway": "G", "ts": 1795860000, "sensors": {"S": {"t": NaN}}}', "PARSE_ERROR"),
+        ("deep nesting", b"[" * 4000, "PARSE_ERROR"),
+        ("huge integer", number + b"0" * 3000 + b"}}}", "VALIDATION_ERROR"),
+        ("integer of 5000 digits", number + b"0" * 5000 + b"}}}", "PARSE_ERROR"),
+        ("an array", b"[1, 2]", "VALIDATION_ERROR"),
+        ("escaped lone surrogate", b'{"gateway": "G\\ud800", "ts": 1795860000}', "VALIDATION_ERROR"),
+        ("newline in a sensor name",
+         b'{"gateway": "G", "ts": 1795860000, "sensors": {"S\\n2026 | ERROR | x": {"t": 1}}}', "VALIDATION_ERROR"),
+        ("terminal escape", b'{"gateway": "G\\u001b[2J", "ts": 1795860000}', "VALIDATION_ERROR"),
+        ("NUL in a name", b'{"gateway": "G\\u0000", "ts": 1795860000}', "VALIDATION_ERROR"),
+        ("too many sensors", json.dumps({"gateway": "G", "ts": 1795860000,
+                                         "sensors": {str(i): {"t": 1} for i in range(1001)}}).encode(),
+         "VALIDATION_ERROR"),
+        ("over the payload limit", json.dumps({"gateway": "G", "ts": 1795860000, "pad": "x" * limit}).encode(),
+         "VALIDATION_ERROR"),
+        ("three megabytes", b"{" + b" " * (3 * 2**20) + b"}", "VALIDATION_ERROR"),
     ]
