@@ -241,11 +241,12 @@ def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def migrate(db: Database) -> list[Migration]:
+def migrate(db: Database, upto: int | None = None) -> list[Migration]:
     """Apply the missing migrations, each once, in order; return those applied.
 
-    A transaction-scoped advisory lock makes two processes that start together
-    take turns: the second sees what the first applied.
+    ``upto``: stop after that version (tests build the database of an older
+    release with it). A transaction-scoped advisory lock makes two processes
+    that start together take turns: the second sees what the first applied.
     """
     applied_now = []
     with db.transaction() as s:
@@ -253,7 +254,7 @@ def migrate(db: Database) -> list[Migration]:
         s.run("migration_table")
         done = {row["version"] for row in s.rows("migration_versions")}
         for m in migrations():
-            if m.version in done:
+            if m.version in done or (upto is not None and m.version > upto):
                 continue
             s.sql(m.path.read_text())
             s.run("migration_record", {"version": m.version, "name": m.name})
