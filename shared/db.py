@@ -82,8 +82,16 @@ def translate_errors() -> Iterator[None]:
         raise DatabaseError(_describe(exc)) from exc
 
 
+#: Errors whose DETAIL quotes the whole failing row ("Failing row contains
+#: (...)"), a broker password included: their DETAIL never reaches a message.
+_ROW_QUOTING = frozenset({"23502", "23514"})  # not_null_violation, check_violation
+
+
 def _describe(exc: psycopg.Error) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    if exc.diag.sqlstate in _ROW_QUOTING and exc.diag.message_primary:
+        text = exc.diag.message_primary
+    else:
+        text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
 

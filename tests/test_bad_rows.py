@@ -280,6 +280,21 @@ def test_the_schema_and_the_rules_share_each_limit(database_url, rule, at_limit,
         assert reason not in problems(at_limit) and reason in problems(past_limit)
 
 
+def test_a_refused_row_never_carries_its_password_into_our_errors(database_url):
+    """PostgreSQL's DETAIL of a check violation quotes the whole row; what we
+    store and log of a DataRejected never does."""
+    database = db.Database(database_url, "sitelink-test")
+    try:
+        with pytest.raises(db.DataRejected) as refused, database.transaction() as s:
+            s.sql("INSERT INTO site (name) VALUES ('leak')")
+            s.sql("INSERT INTO mqtt_connection (site_id, broker_host, username, password) "
+                  "SELECT id, 'tcp://x', 'gw', 'hunter2-secret' FROM site")
+    finally:
+        database.close()
+    assert "mqtt_connection_broker_host_is_a_host_name_or_ip" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 # --- the zygote: a request it cannot use is refused, and it keeps serving -----------------------
 
 @pytest.fixture
