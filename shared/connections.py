@@ -159,11 +159,9 @@ class ConnectionSettings:
                  _bool_problem("use_tls", self.use_tls),
                  *self._tls_problems(),
                  *_topics_problems(self.topics),
-                 None if _plain_int(self.qos) and self.qos in QOS_VALUES
-                 else f"qos must be 0, 1 or 2, not {_show(self.qos)}",
+                 _choice_problem("qos", self.qos, QOS_VALUES),
                  _parser_problem(self.parser_name),
-                 None if isinstance(self.mqtt_protocol, str) and self.mqtt_protocol in MQTT_PROTOCOLS
-                 else f"mqtt_protocol must be '3.1.1' or '5', not {_show(self.mqtt_protocol)}",
+                 _choice_problem("mqtt_protocol", self.mqtt_protocol, MQTT_PROTOCOLS),
                  _bool_problem("clean_session", self.clean_session)]
         return [p for p in found if p]
 
@@ -230,6 +228,13 @@ def _int_problem(name: str, value: Any, low: int, high: int, none_ok: bool = Fal
     if not low <= value <= high:
         return f"{name} must be between {low} and {high}, not {value}"
     return None
+
+
+def _choice_problem(name: str, value: Any, allowed: tuple) -> str | None:
+    if type(value) in {type(a) for a in allowed} and value in allowed:
+        return None
+    *others, last = (repr(a) for a in allowed)
+    return f"{name} must be {', '.join(others)} or {last}, not {_show(value)}"
 
 
 def _bool_problem(name: str, value: Any) -> str | None:

@@ -123,9 +123,9 @@ CASES = [
     ("keepalive as a flag", dict(keepalive=True), "keepalive must be a whole number"),
     ("ping timeout", dict(ping_timeout=0), "ping_timeout must be between 1 and 3600"),
     ("stall after", dict(stall_after=-1), "stall_after must be between 0"),
-    ("qos", dict(qos=3), "qos must be 0, 1 or 2"),
+    ("qos", dict(qos=3), "qos must be 0, 1 or 2, not 3"),
     ("unknown parser", dict(parser_name="x" * 1000), "unknown parser 'xxxx"),
-    ("protocol", dict(mqtt_protocol="3.1"), "mqtt_protocol must be '3.1.1' or '5'"),
+    ("protocol", dict(mqtt_protocol="3.1"), "mqtt_protocol must be '3.1.1' or '5', not '3.1'"),
 ]
 
 
