@@ -311,17 +311,11 @@ class ConnectionChild:
         self.settings = settings
         self.conn = conn
         self.where = f"{conn.broker_host}:{conn.broker_port}"
-        self.parser = parsers.get(conn.parser_name)
         self.context = zmq.Context(io_threads=1)
         self.events = EventSender(self.context, settings.events_endpoint, f"conn:{conn.connection_id}",
                                   resend_after=settings.resend_after, curve=keys)
         self.manual_ack = settings.broker_acks == "after-commit"
-        self.setup_error: str | None = None
-        try:
-            self.client = self._make_client()
-        except (OSError, ValueError) as exc:  # e.g. a CA file that is not a certificate
-            self.setup_error = f"cannot set up the MQTT client: {describe_exception(exc)}"
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.setup_error = self._set_up()
         self.slots = AttemptSlots(conn.attempt_slots, settings.connect_rate) if conn.attempt_slots else None
         self.slot_at: float | None = None  # the booked attempt slot (monotonic)
         self.stall_after = conn.stall_seconds(settings.stall_after)
@@ -341,6 +335,33 @@ class ConnectionChild:
         self.paused_ping_at = 0.0
         self.stopping = False
         self.exit_code = exitcodes.OK
+
+    def _set_up(self) -> str | None:
+        """Make the parser and the paho client, or say why these settings cannot run.
+
+        Whatever set-up raises (paho's Client, username_pw_set, tls_set...) is
+        the settings' fault: it becomes the connection's reason and exit code
+        CONFIG, never an unhandled exception that would restart it in a loop.
+        """
+        problems = self.conn.problems()
+        if problems:
+            reason = "cannot start: " + "; ".join(problems)
+        else:
+            try:
+                self.parser = parsers.get(self.conn.parser_name)
+                self.client = self._make_client()
+                return None
+            except Exception as exc:
+                reason = f"cannot set up the MQTT client: {self._plain(exc)}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # never connects: run() reports and exits
+        return reason
+
+    def _plain(self, exc: BaseException) -> str:
+        """An exception that is the settings' fault, in words, without the credentials."""
+        kind = type(exc).__qualname__
+        if type(exc).__module__ != "builtins":
+            kind = f"{type(exc).__module__}.{kind}"  # struct.error, not a bare "error"
+        return self.conn.redact(f"{kind}: {exc}")[:500]
 
     def _make_client(self) -> mqtt.Client:
         client = new_client(self.conn, self.settings, clean_session=self.conn.clean_session,
@@ -365,7 +386,7 @@ class ConnectionChild:
             connection_id=self.conn.connection_id, status=status, message=message,
             broker_host=self.conn.broker_host,
             exception_type=type(exc).__name__ if exc is not None else "",
-            traceback="".join(traceback.format_exception(exc)) if exc is not None else "",
+            traceback=self.conn.redact("".join(traceback.format_exception(exc))) if exc is not None else "",
             retry_attempt=retry_attempt, next_retry_at=next_retry_at, gave_up=gave_up))
         logger.info("connection {} {}: {}", self.conn.connection_id, status, message)
 
@@ -389,10 +410,21 @@ class ConnectionChild:
                                     clean_start=self.conn.clean_session, properties=properties)
             else:
                 self.client.connect(self.conn.broker_host, self.conn.broker_port, self.conn.keepalive)
-        except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSErrors
+        except OSError as exc:  # network trouble (ssl.SSLError and socket errors are OSErrors): retry
             self._failed(describe_exception(exc), exc, rejected=is_rejection(exc))
             return
+        except Exception as exc:  # paho cannot even build the CONNECT: the settings' fault
+            self._unusable(f"cannot connect with these settings: {self._plain(exc)}", exc)
+            return
         self.connack_deadline = time.monotonic() + self.settings.connect_timeout
+
+    def _unusable(self, reason: str, exc: BaseException | None = None) -> None:
+        """These settings cannot work: say why and exit with exitcodes.CONFIG, so
+        that the monitor leaves the connection stopped until its row changes."""
+        self.connack_deadline = None
+        self.transition("error", reason, exc)
+        self.exit_code = exitcodes.CONFIG
+        self.stopping = True
 
     def _failed(self, reason: str, exc: BaseException | None = None, rejected: bool = False) -> None:
         """An attempt failed: schedule the next one, or give up into the cool-down.
@@ -433,7 +465,10 @@ class ConnectionChild:
             return
         # "connected" means data flows: it is reported once the broker has
         # answered the subscription (SUBACK), within the same deadline.
-        client.subscribe([(topic, self.conn.qos) for topic in self.conn.topics])
+        try:
+            client.subscribe([(topic, self.conn.qos) for topic in self.conn.topics])
+        except Exception as exc:  # paho cannot build the SUBSCRIBE: the topics' fault
+            self._unusable(f"cannot subscribe to these topics: {self._plain(exc)}", exc)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         # Message ids belong to the connection that ended: the broker sends
@@ -630,10 +665,10 @@ class ConnectionChild:
         the persistent one starts: done when the topics changed, since MQTT
         cannot list a session's subscriptions to remove the stale ones."""
         c = self.conn
-        client = new_client(c, self.settings, clean_session=True, manual_ack=False)
         done: list[bool] = []
-        client.on_connect = lambda *args: done.append(True)
         try:
+            client = new_client(c, self.settings, clean_session=True, manual_ack=False)
+            client.on_connect = lambda *args: done.append(True)
             if c.mqtt_protocol == "5":
                 client.connect(c.broker_host, c.broker_port, c.keepalive, clean_start=True)
             else:
@@ -642,9 +677,9 @@ class ConnectionChild:
             while not done and time.monotonic() < deadline and client.socket() is not None:
                 client.loop(0.1)
             client.disconnect()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # best effort: the persistent connect below reports what matters
             logger.info("connection {}: could not reset the old session ({}); the first connect will",
-                        c.connection_id, describe_exception(exc))
+                        c.connection_id, self._plain(exc))
 
     def _step(self, signals: SignalPipe) -> None:
         now = time.monotonic()
@@ -756,7 +791,7 @@ class ConnectionChild:
                     break
             if self.status == "connected":
                 self.transition("disconnected", "")
-        elif self.status != "disconnected" and self.exit_code != exitcodes.GAVE_UP:
+        elif self.status != "disconnected" and self.exit_code not in (exitcodes.GAVE_UP, exitcodes.CONFIG):
             self.client.disconnect()
             self.transition("disconnected", "")
         if not self.events.flush(self.settings.ack_linger):
@@ -807,13 +842,9 @@ def run_child(settings: config.Settings, conn: ConnectionSettings, keys: curve.K
     if conn.monitor_pid and not process.die_with(conn.monitor_pid, signal.SIGTERM):
         return exitcodes.ORPHANED  # the monitor is gone: never run unsupervised
     logs.setup(f"conn-{conn.connection_id}", settings.log_level)
-    problems = conn.problems()
-    if problems:
-        logger.error("connection {} cannot start: {}", conn.connection_id, "; ".join(problems))
-        return exitcodes.CONFIG
     if keys is None:
         keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)
-    return ConnectionChild(settings, conn, keys).run()
+    return ConnectionChild(settings, conn, keys).run()  # unusable settings: status error, exit code CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:

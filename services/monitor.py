@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import zmq
 from loguru import logger
 
-from services.zygote import Zygote
+from services.zygote import SpawnRefused, Zygote
 from shared import attempts, backoff, config, curve, db, exitcodes, logs, process, protocol
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
@@ -296,12 +296,16 @@ class Monitor:
             return None
         problems = settings.problems()
         if problems:
-            message = "cannot start: " + "; ".join(problems)
-            self.holds[cid] = Hold(until=float("inf"), fingerprint=settings.fingerprint)
-            self._report_once(cid, message, StatusChange(connection_id=cid, status="error", message=message,
-                                                         broker_host=settings.broker_host))
+            self._hold_unusable(settings, "cannot start: " + "; ".join(problems))
             return None
         return settings
+
+    def _hold_unusable(self, settings: ConnectionSettings, message: str) -> None:
+        """Status error with the reason, once; no start until the row changes."""
+        cid = settings.connection_id
+        self.holds[cid] = Hold(until=float("inf"), fingerprint=settings.fingerprint)
+        self._report_once(cid, message, StatusChange(connection_id=cid, status="error", message=message,
+                                                     broker_host=settings.broker_host))
 
     def _settings_for(self, row: dict) -> ConnectionSettings:
         """The row's settings, rebuilt only when its configuration changed.
@@ -405,15 +409,17 @@ class Monitor:
 
     def _spawn(self, settings: ConnectionSettings) -> None:
         cid = settings.connection_id
-        frame = protocol.encode_settings(settings)  # password travels on a socket, never in argv
         try:
-            pid = self.zygote.spawn(frame)
+            pid = self.zygote.spawn(settings)
+        except SpawnRefused as exc:  # these settings' fault, not the zygote's: it keeps serving
+            self._hold_unusable(settings, f"cannot start: {exc}")
+            return
         except (OSError, ChildProcessError) as exc:
             logger.warning("the zygote failed ({}); starting a new one", exc)
             self.zygote.discard()
             try:
-                pid = self.zygote.spawn(frame)
-            except (OSError, ChildProcessError) as again:
+                pid = self.zygote.spawn(settings)
+            except (OSError, ChildProcessError, SpawnRefused) as again:
                 logger.error("cannot start a child for connection {}: {}", cid, again)
                 self.zygote.discard()
                 self.events.send(ConnectionLog(connection_id=cid, level="ERROR",

@@ -8,8 +8,11 @@ out of the garbage collector's reach (so children share their pages), and
 then forks one child per request.
 
 Each request on the control socket (a SOCK_SEQPACKET pair with the monitor)
-is a child's settings, password included; the answer is the child's PID. A
-child is forked through a short-lived intermediate, so that it is re-parented
+is a child's settings, password included; the answer is the child's PID, or
+a refusal with its reason when the request cannot be used (too large, not
+settings, or settings with problems): that is the connection's fault, not the
+zygote's, and the monitor shows it as that connection's ``error``. A child is
+forked through a short-lived intermediate, so that it is re-parented
 to the monitor (a child subreaper): the monitor reaps it and is its parent for
 PR_SET_PDEATHSIG, exactly as if it had started it itself.
 
@@ -19,6 +22,7 @@ PR_SET_PDEATHSIG, exactly as if it had started it itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import signal
@@ -28,10 +32,19 @@ import subprocess
 import sys
 import traceback
 
+#: An answer: the child's PID, FORK_FAILED, or REFUSED followed by the reason (UTF-8).
 PID = struct.Struct("!q")
+REFUSED = 0
+FORK_FAILED = -1
 MAX_REQUEST = 1 << 20
+MAX_REASON = 8192
 #: Exit code of a child whose start failed inside the zygote (EX_SOFTWARE).
 EXIT_CHILD_SETUP = 70
+
+
+class SpawnRefused(Exception):
+    """No child for these settings: they are unusable. The settings' fault,
+    not the zygote's: the zygote is fine and keeps serving."""
 
 
 def serve(control: socket.socket, monitor_pid: int) -> int:
@@ -49,18 +62,36 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     gc.freeze()  # children share these pages instead of copying them on the first GC
     while True:
         try:
-            request = control.recv(MAX_REQUEST)
+            request, _, flags, _ = control.recvmsg(MAX_REQUEST)
         except InterruptedError:
             continue
         if not request:
             return 0  # the monitor closed its end: it is stopping
+        conn, refusal = read_request(request, flags, protocol, ConnectionSettings)
+        if refusal is not None:
+            control.send(PID.pack(REFUSED) + refusal.encode("utf-8", "replace")[:MAX_REASON])
+            continue
         try:
-            pid = _fork_child(lambda: _run(request, control, settings, keys, connection, protocol,
-                                           ConnectionSettings))
+            pid = _fork_child(lambda: _run(conn, control, settings, keys, connection))
         except OSError as exc:
             print(f"sitelink zygote: cannot fork: {exc}", file=sys.stderr, flush=True)
-            pid = -1
+            pid = FORK_FAILED
         control.send(PID.pack(pid))
+
+
+def read_request(request: bytes, flags: int, protocol, settings_cls):
+    """The settings a request holds, or why the zygote refuses it: never raises,
+    whatever the bytes, so that no request can stop the zygote."""
+    if flags & socket.MSG_TRUNC:
+        return None, f"the settings are larger than the {MAX_REQUEST} bytes a start request may hold"
+    try:
+        conn = protocol.decode_settings(request, settings_cls)
+        problems = conn.problems()
+    except Exception as exc:
+        return None, f"the start request is not valid settings ({type(exc).__name__}: {exc})"
+    if problems:
+        return None, "; ".join(problems)
+    return conn, None
 
 
 def _warm_up(connection, protocol, settings_cls, settings) -> None:
@@ -107,10 +138,10 @@ def _fork_child(run) -> int:
     finally:
         os.close(read_end)
         os.waitpid(intermediate, 0)
-    return PID.unpack(data)[0] if len(data) == PID.size else -1
+    return PID.unpack(data)[0] if len(data) == PID.size else FORK_FAILED
 
 
-def _run(request: bytes, control: socket.socket, settings, keys, connection, protocol, settings_cls) -> None:
+def _run(conn, control: socket.socket, settings, keys, connection) -> None:
     code = EXIT_CHILD_SETUP
     try:
         control.close()
@@ -118,7 +149,6 @@ def _run(request: bytes, control: socket.socket, settings, keys, connection, pro
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         # The preloaded objects stay frozen: a collection would otherwise
         # touch, and so copy, every shared page.
-        conn = protocol.decode_settings(request, settings_cls)
         code = connection.run_child(settings, conn, keys)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_CHILD_SETUP
@@ -166,21 +196,44 @@ class Zygote:
                 pass_fds=[theirs.fileno()], cwd=PROJECT_ROOT)
         finally:
             theirs.close()
+        # Room for the largest settings (the kernel caps it at net.core.wmem_max x 2).
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_REQUEST)
         self.proc.returncode = 0  # the monitor reaps by PID itself
         self.control = ours
         self.control.settimeout(self.request_timeout)
 
-    def spawn(self, settings_frame: bytes) -> int:
-        """Fork a child with these settings; return its PID. Raises OSError if the zygote is gone."""
+    def spawn(self, settings) -> int:
+        """Fork a child with these ``ConnectionSettings``; return its PID.
+
+        Raises ``SpawnRefused`` when the settings are unusable (hold that
+        connection; the zygote is fine), OSError or ChildProcessError when the
+        zygote is gone or broken (start a new one).
+        """
+        from shared import protocol
+
+        try:
+            frame = protocol.encode_settings(settings)  # the password travels on a socket, never in argv
+        except Exception as exc:  # its message could quote the password: the type only
+            raise SpawnRefused(f"the settings cannot be encoded ({type(exc).__name__})") from None
+        if len(frame) > MAX_REQUEST:
+            raise SpawnRefused(f"the settings take {len(frame)} bytes; a start request holds at most {MAX_REQUEST}")
         if self.control is None:
             self.start()
         assert self.control is not None
-        self.control.send(settings_frame)
-        answer = self.control.recv(PID.size)
-        if len(answer) != PID.size:
+        try:
+            self.control.send(frame)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:  # nothing was sent: the zygote is fine
+                raise SpawnRefused(f"the settings take {len(frame)} bytes, more than this host lets a "
+                                   f"local socket carry at once (net.core.wmem_max)") from None
+            raise
+        answer = self.control.recv(PID.size + MAX_REASON)
+        if len(answer) < PID.size:
             raise ConnectionError("the zygote closed its control socket")
-        pid = PID.unpack(answer)[0]
-        if pid <= 0:
+        pid = PID.unpack_from(answer)[0]
+        if pid == REFUSED:
+            raise SpawnRefused(answer[PID.size:].decode("utf-8", "replace") or "the zygote refused these settings")
+        if pid < 0:
             raise ChildProcessError("the zygote could not fork")
         return pid
 

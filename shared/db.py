@@ -82,8 +82,16 @@ def translate_errors() -> Iterator[None]:
         raise DatabaseError(_describe(exc)) from exc
 
 
+#: Errors whose DETAIL quotes the whole failing row ("Failing row contains
+#: (...)"), a broker password included: their DETAIL never reaches a message.
+_ROW_QUOTING = frozenset({"23502", "23514"})  # not_null_violation, check_violation
+
+
 def _describe(exc: psycopg.Error) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    if exc.diag.sqlstate in _ROW_QUOTING and exc.diag.message_primary:
+        text = exc.diag.message_primary
+    else:
+        text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
 
@@ -241,11 +249,12 @@ def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def migrate(db: Database) -> list[Migration]:
+def migrate(db: Database, upto: int | None = None) -> list[Migration]:
     """Apply the missing migrations, each once, in order; return those applied.
 
-    A transaction-scoped advisory lock makes two processes that start together
-    take turns: the second sees what the first applied.
+    ``upto``: stop after that version (tests build the database of an older
+    release with it). A transaction-scoped advisory lock makes two processes
+    that start together take turns: the second sees what the first applied.
     """
     applied_now = []
     with db.transaction() as s:
@@ -253,7 +262,7 @@ def migrate(db: Database) -> list[Migration]:
         s.run("migration_table")
         done = {row["version"] for row in s.rows("migration_versions")}
         for m in migrations():
-            if m.version in done:
+            if m.version in done or (upto is not None and m.version > upto):
                 continue
             s.sql(m.path.read_text())
             s.run("migration_record", {"version": m.version, "name": m.name})

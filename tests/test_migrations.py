@@ -52,13 +52,69 @@ def test_services_refuse_a_database_that_is_behind(pg_server, tmp_path):
     pg_server.execute("DROP DATABASE sitelink_behind WITH (FORCE)")
 
 
-def test_constraints_reject_impossible_rows(database_url):
+IMPOSSIBLE_ROWS = [
+    # (columns of a new row, the constraint psql names in its error)
+    ({"broker_port": 70000}, "mqtt_connection_broker_port_check"),
+    ({"status": "sleepy"}, "mqtt_connection_status_check"),
+    ({"qos": 3}, "mqtt_connection_qos_check"),
+    ({"keepalive": 1}, "mqtt_connection_keepalive_check"),
+    ({"broker_host": "tcp://broker.example.net"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
+    ({"broker_host": "broker.example.net:1883"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
+    ({"broker_host": "broker example"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
+    ({"broker_host": "[::1]"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
+    ({"username": "u" * 65536}, "mqtt_connection_username_at_most_65535_bytes"),
+    ({"username": "gw\n"}, "mqtt_connection_username_is_mqtt_text"),
+    ({"username": "gw", "password": "p" * 100_000}, "mqtt_connection_password_at_most_65535_bytes"),
+    ({"password": "secret"}, "mqtt_connection_password_needs_username"),
+    ({"client_id": "c" * 129}, "mqtt_connection_client_id_check"),
+    ({"client_id": "id\x07"}, "mqtt_connection_client_id_is_mqtt_text"),
+    ({"client_id": "id\ufffe"}, "mqtt_connection_client_id_is_mqtt_text"),
+    ({"topics": []}, "mqtt_connection_topics_1_to_256_filters"),
+    ({"topics": [f"t/{i}" for i in range(257)]}, "mqtt_connection_topics_1_to_256_filters"),
+    ({"topics": [f"{i:03d}/" + "x" * 400 for i in range(200)]}, "mqtt_connection_topics_at_most_65536_bytes"),
+    ({"topics": ["x" * 65536]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/" * 200 + "b"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/#/b"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a#"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["+a"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/+b"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["#/x"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["ok/#", ""]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/\tb"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/b", "a/b"]}, "mqtt_connection_topics_without_duplicates"),
+    ({"use_tls": True, "tls_ca_path": "ca.pem"}, "mqtt_connection_tls_ca_path_absolute"),
+    ({"use_tls": True, "tls_ca_path": "/" + "a" * 4096}, "mqtt_connection_tls_ca_path_at_most_4096_bytes"),
+    ({"tls_ca_path": "/etc/ssl/certs/ca-certificates.crt"}, "mqtt_connection_tls_ca_path_needs_use_tls"),
+    ({"parser_name": "p" * 65}, "mqtt_connection_parser_name_at_most_64_chars"),
+]
+
+
+def test_constraints_reject_impossible_rows_by_a_name_that_says_why(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
         site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
-        for column, value in [("broker_port", 70000), ("status", "sleepy"), ("qos", 3)]:
+        for columns, constraint in IMPOSSIBLE_ROWS:
+            cols = {"site_id": site, "broker_host": "broker.example.net", **columns}
             try:
-                conn.execute(f"INSERT INTO mqtt_connection (site_id, broker_host, {column}) "
-                             f"VALUES (%s, 'h', %s)", (site, value))
-            except psycopg.errors.CheckViolation:
+                conn.execute(f"INSERT INTO mqtt_connection ({', '.join(cols)}) "
+                             f"VALUES ({', '.join(['%s'] * len(cols))})", list(cols.values()))
+            except psycopg.errors.CheckViolation as exc:
+                assert exc.diag.constraint_name == constraint, (columns, exc.diag.constraint_name)
+                assert f'violates check constraint "{constraint}"' in str(exc)
                 continue
-            raise AssertionError(f"{column}={value!r} was accepted")
+            raise AssertionError(f"{columns} was accepted")
+
+
+def test_no_one_marks_a_row_exempt_from_the_rules(database_url):
+    """Only migration 0004 marks the rows it found breaking a rule."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
+        cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host, config_predates_checks) "
+                           "VALUES (%s, 'h', true) RETURNING id", (site,)).fetchone()[0]
+        assert conn.execute("SELECT config_predates_checks FROM mqtt_connection").fetchone()[0] is False
+        try:
+            conn.execute("UPDATE mqtt_connection SET config_predates_checks = true, password = 'p' WHERE id = %s",
+                         (cid,))
+        except psycopg.errors.CheckViolation as exc:
+            assert exc.diag.constraint_name == "mqtt_connection_password_needs_username"
+        else:
+            raise AssertionError("a row marked itself exempt")
