@@ -26,7 +26,10 @@ class ConfigError(ValueError):
 
 
 def _embedded_database_url(home: Path, port: int) -> str:
-    return f"postgresql://sitelink@/sitelink?host={home / 'var' / 'run'}&port={port}"
+    # The password stays in the libpq password file the embedded PostgreSQL's
+    # script writes (supervisor_conf/bin/postgres): the URL only names it.
+    var = home / "var"
+    return f"postgresql://sitelink@/sitelink?host={var / 'run'}&port={port}&passfile={var / 'secrets' / 'pgpass'}"
 
 
 def _positive_float(value: str) -> float:
@@ -175,6 +178,11 @@ class Settings:
     @property
     def var_dir(self) -> Path:
         return self.home / "var"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where the embedded stack's scripts keep the secrets they generate (mode 0700)."""
+        return self.var_dir / "secrets"
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
