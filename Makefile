@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 # True while the supervisord of this checkout runs (pid file + live process).
 supervisord_running = { pid=$$(cat "$(PIDFILE)" 2>/dev/null || true); [[ -n $$pid ]] && kill -0 "$$pid" 2>/dev/null && grep -qa supervisord "/proc/$$pid/cmdline" 2>/dev/null; }
 
-.PHONY: help setup system-deps venv up down status watch migrate logs psql test bench clean
+.PHONY: help setup system-deps venv venv-usable up down status watch migrate logs psql test bench clean
 
 help:
 	@echo "sitelink targets:"
@@ -76,13 +76,25 @@ system-deps:
 	    fi; \
 	fi
 
-venv: $(STAMP)
+venv: venv-usable $(STAMP)
 
-# As root, .venv gets a Python that the unprivileged service user can run too
-# (not one under /root, as pyenv's would be).
+# As root, .venv must hold a Python the unprivileged service user can run too,
+# not one under /root (pyenv's, say): true if other users can run $(1).
+others_can_run = setpriv --reuid=nobody --regid=nogroup --clear-groups test -x "$$(realpath "$(1)")"
+
+# A .venv made by root with such a Python (an older sitelink did) is made anew.
+venv-usable:
+	@if [[ $$(id -u) -eq 0 && -e "$(PYTHON)" ]] && ! $(call others_can_run,$(PYTHON)); then \
+	    if $(supervisord_running); then \
+	        echo ".venv uses a Python the service user cannot run: make down, then make up again" >&2; exit 1; \
+	    fi; \
+	    echo ".venv uses $$(realpath "$(PYTHON)"), which the service user cannot run: making .venv anew"; \
+	    rm -rf "$(VENV)"; \
+	fi
+
 $(PYTHON):
 	@py=$$(command -v python3); \
-	if [[ $$(id -u) -eq 0 ]] && ! setpriv --reuid=nobody --regid=nogroup --clear-groups test -x "$$(realpath "$$py")"; then \
+	if [[ $$(id -u) -eq 0 ]] && ! $(call others_can_run,$$py); then \
 	    echo "$$py is out of reach of unprivileged users: making .venv with /usr/bin/python3"; \
 	    py=/usr/bin/python3; \
 	fi; \
