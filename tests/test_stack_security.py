@@ -32,6 +32,8 @@ BIN = ROOT / "supervisor_conf" / "bin"
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="being another local user (nobody) takes root; "
                                                     "the suite runs as an ordinary user")
+switches_user = pytest.mark.skipif(not IS_ROOT, reason="only root runs the stack as another user (sitelink); "
+                                                       "the suite runs as an ordinary user")
 
 
 def service_uid() -> int:
@@ -222,7 +224,7 @@ def test_connection_children_inherit_no_database_secret(stack, broker, pg_server
 
 # --- run-as-service ---------------------------------------------------------------------------
 
-@needs_root
+@switches_user
 def test_run_as_service_names_the_directory_the_service_user_cannot_reach():
     base = world_traversable_tmpdir("sitelink-test-unreachable-")
     locked = base / "locked"
