@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,20 @@ def test_a_cluster_made_with_trust_by_an_older_sitelink_is_upgraded():
     finally:
         server.stop()
         remove_tree(base)
+
+
+def test_admin_psql_moves_a_password_in_the_url_out_of_psqls_argv(pg_server, tmp_path):
+    """`make psql` used to run psql "$url": a password in SITELINK_DATABASE_URL was in its argv."""
+    password = pg_password(pg_server.passfile)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SITELINK_", "PG"))},
+           "SITELINK_HOME": str(tmp_path),
+           "SITELINK_DATABASE_URL": f"postgresql://sitelink:{password}@127.0.0.1:{pg_server.port}/postgres"}
+    done = subprocess.run([sys.executable, "-m", "services.admin", "psql"], cwd=ROOT, env=env, text=True,
+                          input="SELECT 'in' AS logged;\n\\! tr '\\0' ' ' < /proc/$PPID/cmdline; echo\n",
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0 and " in\n" in done.stdout, done.stdout + done.stderr
+    argv_line = next(line for line in done.stdout.splitlines() if "bin/psql " in line)
+    assert "host=127.0.0.1" in argv_line and password not in argv_line, argv_line
 
 
 # --- Mosquitto ---------------------------------------------------------------------------
