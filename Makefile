@@ -9,10 +9,13 @@ VENV := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONF := $(ROOT)/supervisor_conf/supervisord.conf
+BIN := $(ROOT)/supervisor_conf/bin
 SUPERVISORD := $(VENV)/bin/supervisord -c $(CONF)
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(CONF)
 VAR := $(ROOT)/var
 PIDFILE := $(VAR)/run/supervisord.pid
+# libpq's password file of the embedded PostgreSQL (written by bin/postgres).
+PGPASS := $(VAR)/secrets/pgpass
 PROGRAMS := postgres mosquitto logger monitor demo
 
 export SITELINK_EMBEDDED_PG_PORT ?= 55432
@@ -23,12 +26,13 @@ PYTEST_ARGS ?=
 # True while the supervisord of this checkout runs (pid file + live process).
 supervisord_running = { pid=$$(cat "$(PIDFILE)" 2>/dev/null || true); [[ -n $$pid ]] && kill -0 "$$pid" 2>/dev/null && grep -qa supervisord "/proc/$$pid/cmdline" 2>/dev/null; }
 
-.PHONY: help setup system-deps venv up down status watch migrate logs psql test bench clean
+.PHONY: help setup system-deps venv venv-usable up down status watch migrate logs psql test bench clean
 
 help:
 	@echo "sitelink targets:"
 	@echo "  make setup    install system packages (as root) and the .venv"
-	@echo "  make up       start the embedded stack (PostgreSQL, Mosquitto, logger, monitor, demo)"
+	@echo "  make up       start the embedded stack (PostgreSQL, Mosquitto, logger, monitor, demo),"
+	@echo "                as user sitelink when run by root"
 	@echo "  make status   sites and their connections"
 	@echo "  make watch    the live status feed"
 	@echo "  make logs     follow the log files"
@@ -43,7 +47,8 @@ setup: system-deps venv
 
 system-deps:
 	@need=(); \
-	if [[ ! -x /usr/sbin/mosquitto ]] && ! command -v mosquitto >/dev/null 2>&1; then need+=(mosquitto); fi; \
+	if { [[ ! -x /usr/sbin/mosquitto ]] && ! command -v mosquitto >/dev/null 2>&1; } \
+	    || ! command -v mosquitto_passwd >/dev/null 2>&1; then need+=(mosquitto); fi; \
 	if [[ -z "$${SITELINK_PG_BIN:-}" ]] && ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then need+=(postgresql); fi; \
 	if ! command -v psql >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1; then need+=(postgresql-client); fi; \
 	if [[ ! -x $(PYTHON) ]] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi; \
@@ -71,10 +76,30 @@ system-deps:
 	    fi; \
 	fi
 
-venv: $(STAMP)
+venv: venv-usable $(STAMP)
+
+# As root, .venv must hold a Python the unprivileged service user can run too,
+# not one under /root (pyenv's, say): true if other users can run $(1).
+others_can_run = setpriv --reuid=nobody --regid=nogroup --clear-groups test -x "$$(realpath "$(1)")"
+
+# A .venv made by root with such a Python (an older sitelink did) is made anew.
+venv-usable:
+	@if [[ $$(id -u) -eq 0 && -e "$(PYTHON)" ]] && ! $(call others_can_run,$(PYTHON)); then \
+	    if $(supervisord_running); then \
+	        echo ".venv uses a Python the service user cannot run: make down, then make up again" >&2; exit 1; \
+	    fi; \
+	    echo ".venv uses $$(realpath "$(PYTHON)"), which the service user cannot run: making .venv anew"; \
+	    rm -rf "$(VENV)"; \
+	fi
 
 $(PYTHON):
-	python3 -m venv "$(VENV)"
+	@py=$$(command -v python3); \
+	if [[ $$(id -u) -eq 0 ]] && ! $(call others_can_run,$$py); then \
+	    echo "$$py is out of reach of unprivileged users: making .venv with /usr/bin/python3"; \
+	    py=/usr/bin/python3; \
+	fi; \
+	echo "$$py -m venv $(VENV)"; \
+	"$$py" -m venv "$(VENV)"
 
 $(STAMP): $(ROOT)/pyproject.toml | $(PYTHON)
 	"$(PYTHON)" -m pip install --disable-pip-version-check -e "$(ROOT)[test]"
@@ -84,12 +109,16 @@ $(STAMP): $(ROOT)/pyproject.toml | $(PYTHON)
 
 up: setup
 	@cd "$(ROOT)"; \
-	mkdir -p "$(VAR)/run" "$(VAR)/log" "$(VAR)/mosquitto"; \
 	if $(supervisord_running); then \
-	    echo "supervisord is running (pid $$(cat "$(PIDFILE)"))"; \
+	    pid=$$(cat "$(PIDFILE)"); \
+	    echo "supervisord is running (pid $$pid)"; \
+	    if [[ $$(stat -c %u "/proc/$$pid") -eq 0 ]]; then \
+	        echo "warning: it runs as root (started by an older sitelink): make down, then make up" >&2; \
+	    fi; \
 	else \
 	    echo "starting supervisord (PostgreSQL on 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT, Mosquitto on 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT)"; \
-	    $(SUPERVISORD); \
+	    mkdir -p "$(VAR)/run" "$(VAR)/log"; \
+	    "$(BIN)/run-as-service" --own "$(VAR)" --own "$(ROOT)/logs" -- $(SUPERVISORD); \
 	fi; \
 	$(SUPERVISORCTL) start postgres mosquitto >/dev/null 2>&1 || true; \
 	echo "waiting for PostgreSQL ..."; \
@@ -104,7 +133,7 @@ up: setup
 	    fi; \
 	    sleep 0.5; \
 	done; \
-	psql_="psql -X -q -h $(VAR)/run -p $$SITELINK_EMBEDDED_PG_PORT -U sitelink"; \
+	psql_="env PGPASSFILE=$(PGPASS) psql -X -q -w -h $(VAR)/run -p $$SITELINK_EMBEDDED_PG_PORT -U sitelink"; \
 	if [[ -z $$($$psql_ -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'sitelink'") ]]; then \
 	    echo "creating database sitelink"; \
 	    $$psql_ -d postgres -c 'CREATE DATABASE sitelink'; \
@@ -132,7 +161,8 @@ up: setup
 	done; \
 	echo "$$status"; \
 	echo; \
-	echo "sitelink is up: PostgreSQL 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT (socket var/run), Mosquitto 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT"; \
+	echo "sitelink is up, as user $$(stat -c %U "$(PIDFILE)"): PostgreSQL 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT (socket var/run)," \
+	     "Mosquitto 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT; passwords in var/secrets/"; \
 	echo "  make status   sites and their connections"; \
 	echo "  make watch    the live status feed"; \
 	echo "  make logs     follow the log files (logs/, var/log/)"; \
@@ -163,11 +193,13 @@ watch: venv
 migrate: venv
 	@"$(PYTHON)" -m services.admin migrate
 
+# No mkdir here: logs/ is the service user's, made by make up.
 logs:
-	@cd "$(ROOT)" && mkdir -p logs && tail -F logs/mqtt_connections.log logs/mqtt_parsing.log var/log/*.log
+	@cd "$(ROOT)" && tail -F logs/mqtt_connections.log logs/mqtt_parsing.log var/log/*.log
 
+# The password stays in a file or psql's environment, never in its argv.
 psql: venv
-	@url=$$("$(PYTHON)" -m services.admin dburl) && exec psql "$$url"
+	@exec "$(PYTHON)" -m services.admin psql
 
 # ---------------------------------------------------------------- tests
 

@@ -4,7 +4,8 @@
     python -m services.admin seed-demo   insert the demo sites once (make up)
     python -m services.admin status      table of sites and their connections (make status)
     python -m services.admin watch       print the status feed live (make watch)
-    python -m services.admin dburl       print the database URL in use (make psql)
+    python -m services.admin psql        psql on the database in use, no secret in its argv (make psql)
+    python -m services.admin dburl       print the database URL in use
     python -m services.admin settings    list every SITELINK_* setting and its default
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 
 import zmq
+from psycopg import ProgrammingError, conninfo
 
-from shared import config, db
+from shared import config, db, embedded
 
 DEMO_SITES = ("alpine-hut", "harbour-pump", "vineyard-north")
 #: A site whose broker does not exist, so errors and retries show.
@@ -41,18 +44,26 @@ def migrate(settings: config.Settings) -> int:
 
 
 def seed_demo(settings: config.Settings) -> int:
+    try:
+        password = embedded.mqtt_password(settings.secrets_dir, embedded.SITE_USER)
+    except embedded.CredentialsUnavailable as exc:
+        print(f"sitelink: the demo sites need the embedded broker's credentials: {exc}", file=sys.stderr)
+        return 1
     database = db.Database(settings.database_url, "sitelink-seed")
     try:
         with database.transaction() as s:
             for name in (*DEMO_SITES, DEMO_BROKEN_SITE):
                 s.run("site_insert", {"name": name})
             for name in DEMO_SITES:
-                s.run("demo_connection_insert", {"site": name, "broker_host": "127.0.0.1",
-                                                 "broker_port": settings.embedded_mqtt_port,
-                                                 "topics": [f"sites/{name}/#"]})
-            # Nothing listens on the port after the embedded broker's.
+                row = {"site": name, "broker_host": "127.0.0.1", "broker_port": settings.embedded_mqtt_port,
+                       "username": embedded.SITE_USER, "password": password, "topics": [f"sites/{name}/#"]}
+                s.run("demo_connection_insert", row)
+                s.run("demo_connection_credentials", row)
+            # Nothing listens on the port after the embedded broker's; and
+            # whatever might, it gets no credentials of ours.
             s.run("demo_connection_insert", {"site": DEMO_BROKEN_SITE, "broker_host": "127.0.0.1",
                                              "broker_port": settings.embedded_mqtt_port + 1,
+                                             "username": None, "password": None,
                                              "topics": [f"sites/{DEMO_BROKEN_SITE}/#"]})
     finally:
         database.close()
@@ -113,6 +124,30 @@ def watch(settings: config.Settings, topic: str) -> int:
         context.term()
 
 
+def psql(settings: config.Settings, args: list[str]) -> int:
+    """Replace this process by psql on the database in use. A password in the
+    URL goes to psql's environment (PGPASSWORD), which only its user and root
+    can read, never to its argv, which ``ps`` shows to everyone."""
+    try:
+        params = conninfo.conninfo_to_dict(settings.database_url)
+    except ProgrammingError:  # not its message: that quotes the URL, password and all
+        print("sitelink: SITELINK_DATABASE_URL is not a valid PostgreSQL URL", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    if "sslpassword" in params:
+        print("sitelink: make psql cannot pass sslpassword without showing it to ps; "
+              "run psql yourself", file=sys.stderr)
+        return 2
+    try:
+        os.execvpe("psql", ["psql", conninfo.make_conninfo(**params), *args], env)
+    except FileNotFoundError:
+        print("sitelink: psql is not installed (Debian package postgresql-client)", file=sys.stderr)
+        return 1
+
+
 def show_settings() -> int:
     for name, default, doc in config.documentation():
         print(f"{name:<36} {default:<28} {doc}")
@@ -127,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="table of sites and their connections")
     w = sub.add_parser("watch", help="print the status feed live")
     w.add_argument("--topic", default="", help="topic prefix, e.g. mqtt_status.site.3.")
+    p = sub.add_parser("psql", help="psql on the database in use (no secret in its argv)")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="more arguments for psql")
     sub.add_parser("dburl", help="print the database URL")
     sub.add_parser("settings", help="list every setting")
     args = parser.parse_args(argv)
@@ -144,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return status(settings)
         if args.command == "watch":
             return watch(settings, args.topic)
+        if args.command == "psql":
+            return psql(settings, args.psql_args)
         if args.command == "dburl":
             print(settings.database_url)
             return 0

@@ -14,8 +14,11 @@ Values are smooth random walks around plausible levels (some with a daily or
 tidal swing). ``--bad-every N`` replaces every N-th datalogger message by a
 malformed one, to show parse errors; the default 0 keeps the data clean.
 
-Each gateway is its own MQTT client and reconnects on its own. SIGTERM or
-SIGINT stops the demo within a second.
+Each gateway is its own MQTT client and reconnects on its own. They log in
+as ``demo-publisher`` with the password the embedded broker generated
+(``var/secrets/mqtt-users``, see ``shared.embedded``); without that file they
+try anonymously, which the embedded broker refuses. SIGTERM or SIGINT stops
+the demo within a second.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
-from shared import config
+from shared import config, embedded
 
 #: Messages a disconnected gateway keeps for later; beyond, new ones are dropped.
 MAX_QUEUED = 1000
@@ -153,7 +156,7 @@ def bad_payload(number: int, site: Site, datalogger: Datalogger) -> bytes:
 class Gateway:
     """One site's gateway: an MQTT client with its own network thread."""
 
-    def __init__(self, site: Site, host: str, port: int):
+    def __init__(self, site: Site, host: str, port: int, login: tuple[str, str] | None):
         self.site = site
         self._pending: set[int] = set()  # mids of QoS 1 messages not acknowledged yet
         self._early: set[int] = set()  # mids acknowledged before publish() returned
@@ -162,6 +165,8 @@ class Gateway:
         self.failing = False
         self.stopping = False
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sitelink-demo-{site.gateway}")
+        if login is not None:
+            self.client.username_pw_set(*login)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(MAX_QUEUED)
         self.client.on_connect = self._on_connect
@@ -247,12 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.interval < math.inf and 0 < args.heartbeat < math.inf) or args.bad_every < 0 or args.rounds < 0:
         parser.error("--interval and --heartbeat must be > 0, --bad-every and --rounds >= 0")
 
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"sitelink: {exc}", file=sys.stderr)
+        return 2
     if args.port is None:
-        try:
-            args.port = config.load().embedded_mqtt_port
-        except config.ConfigError as exc:
-            print(f"sitelink: {exc}", file=sys.stderr)
-            return 2
+        args.port = settings.embedded_mqtt_port
+    try:
+        login = (embedded.PUBLISHER_USER, embedded.mqtt_password(settings.secrets_dir, embedded.PUBLISHER_USER))
+    except embedded.CredentialsUnavailable as exc:
+        log(f"connecting anonymously: {exc}")
+        login = None
 
     stop = threading.Event()
 
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
-        gateways = [Gateway(site, args.host, args.port) for site in sites]
+        gateways = [Gateway(site, args.host, args.port, login) for site in sites]
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 

@@ -186,14 +186,16 @@ class Zygote:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> None:
-        from shared.config import PROJECT_ROOT
+        from shared.config import PROJECT_ROOT, without_secrets
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # The children it forks never open a database connection: they
+            # inherit neither its URL nor libpq's variables.
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.zygote", "--fd", str(theirs.fileno()),
                  "--monitor-pid", str(os.getpid())],
-                pass_fds=[theirs.fileno()], cwd=PROJECT_ROOT)
+                pass_fds=[theirs.fileno()], cwd=PROJECT_ROOT, env=without_secrets())
         finally:
             theirs.close()
         # Room for the largest settings (the kernel caps it at net.core.wmem_max x 2).

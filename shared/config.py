@@ -28,7 +28,10 @@ class ConfigError(ValueError):
 
 
 def _embedded_database_url(home: Path, port: int) -> str:
-    return f"postgresql://sitelink@/sitelink?host={home / 'var' / 'run'}&port={port}"
+    # The password stays in the libpq password file the embedded PostgreSQL's
+    # script writes (supervisor_conf/bin/postgres): the URL only names it.
+    var = home / "var"
+    return f"postgresql://sitelink@/sitelink?host={var / 'run'}&port={port}&passfile={var / 'secrets' / 'pgpass'}"
 
 
 def _positive_float(value: str) -> float:
@@ -101,8 +104,9 @@ def _text(value: str) -> str:
     return value
 
 
-def _setting(env: str, default: Any, parse: Callable[[str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
+def _setting(env: str, default: Any, parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
+    """``secret``: a process that does not use it must not inherit it (``without_secrets``)."""
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class Settings:
     home: Path = _setting("HOME", PROJECT_ROOT, Path,
                           "Directory holding var/ (the embedded stack) and relative log dirs.")
     database_url: str = _setting("DATABASE_URL", "", _text,
-                                 "PostgreSQL URL. Default: the embedded cluster under var/.")
+                                 "PostgreSQL URL. Default: the embedded cluster under var/.", secret=True)
     embedded_pg_port: int = _setting("EMBEDDED_PG_PORT", 55432, _port,
                                      "Port of the embedded PostgreSQL (loopback).")
     embedded_mqtt_port: int = _setting("EMBEDDED_MQTT_PORT", 18830, _port,
@@ -211,6 +215,11 @@ class Settings:
     def var_dir(self) -> Path:
         return self.home / "var"
 
+    @property
+    def secrets_dir(self) -> Path:
+        """Where the embedded stack's scripts keep the secrets they generate (mode 0700)."""
+        return self.var_dir / "secrets"
+
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from ``environ`` (default: ``os.environ``)."""
@@ -243,6 +252,21 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{PREFIX}RESTART_BASE ({settings.restart_base}) must not exceed "
                           f"{PREFIX}RESTART_CAP ({settings.restart_cap})")
     return settings
+
+
+#: libpq reads these (PGPASSWORD, PGPASSFILE, PGHOST, ...): only a process
+#: that connects to PostgreSQL needs them.
+_LIBPQ_PREFIX = "PG"
+
+
+def without_secrets(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) without what a process that never
+    connects to PostgreSQL must not inherit: the secret settings (the database
+    URL) and libpq's variables. The zygote is started with it, so no
+    connection child has them in its environment (/proc/<pid>/environ)."""
+    environ = os.environ if environ is None else environ
+    secret = {PREFIX + f.metadata["env"] for f in dataclasses.fields(Settings) if f.metadata["secret"]}
+    return {k: v for k, v in environ.items() if k not in secret and not k.startswith(_LIBPQ_PREFIX)}
 
 
 def documentation() -> list[tuple[str, str, str]]:

@@ -253,7 +253,19 @@ ON CONFLICT (name) DO NOTHING
 RETURNING id;
 
 -- name: demo_connection_insert
-INSERT INTO mqtt_connection (site_id, broker_host, broker_port, topics, qos, parser_name, keepalive)
-SELECT s.id, %(broker_host)s, %(broker_port)s, %(topics)s, 1, 'json', 30
+INSERT INTO mqtt_connection (site_id, broker_host, broker_port, username, password, topics, qos,
+                             parser_name, keepalive)
+SELECT s.id, %(broker_host)s, %(broker_port)s, %(username)s, %(password)s, %(topics)s, 1, 'json', 30
 FROM site s WHERE s.name = %(site)s
 ON CONFLICT (site_id) DO NOTHING;
+
+-- name: demo_connection_credentials
+-- A demo row on the embedded broker made before it required a login (or
+-- before its credentials were made anew) gets the current ones; a row an
+-- operator pointed elsewhere or gave another username is left alone.
+UPDATE mqtt_connection c SET username = %(username)s, password = %(password)s
+FROM site s
+WHERE c.site_id = s.id AND s.name = %(site)s
+  AND c.broker_host = %(broker_host)s AND c.broker_port = %(broker_port)s
+  AND (c.username IS NULL OR c.username = %(username)s)
+  AND c.password IS DISTINCT FROM %(password)s;

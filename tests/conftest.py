@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from shared import db
@@ -50,8 +51,10 @@ def database_url(pg_server: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Mosquitto]:
+    """The tests' broker: anonymous clients welcome (tests/test_stack_security.py
+    checks the embedded stack's, which refuses them)."""
     base = world_traversable_tmpdir("sitelink-test-mqtt-")
-    server = Mosquitto(base)
+    server = Mosquitto(base, anonymous=True)
     server.start()
     try:
         yield server
@@ -90,7 +93,7 @@ class SQL:
         site_id = self.value("INSERT INTO site (name) VALUES (%s) RETURNING id", name)
         # Sessions are persistent: a client id unique to this test keeps one
         # test's session (and its subscriptions) away from the next test's.
-        client_id = f"{self.url.rsplit('/', 1)[1]}-{name}"
+        client_id = f"{conninfo_to_dict(self.url)['dbname']}-{name}"
         cols = {"site_id": site_id, "broker_host": host, "broker_port": port, "client_id": client_id,
                 "topics": topics or [f"sites/{name}/#"], "is_active": active, "keepalive": 10, **columns}
         names = ", ".join(cols)

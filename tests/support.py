@@ -74,6 +74,33 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs, ...)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (/proc/<pid>/environ)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = f.read().split(b"\0")
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in entries if e)
+
+
+def uids(pid: int) -> tuple[int, int, int, int]:
+    """Real, effective, saved and filesystem uid of ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                real, effective, saved, fs = (int(n) for n in line.split()[1:5])
+                return real, effective, saved, fs
+    raise AssertionError(f"no Uid line in /proc/{pid}/status")
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -102,19 +129,25 @@ def world_traversable_tmpdir(prefix: str) -> Path:
 
 
 class PostgresServer:
-    """A throw-away PostgreSQL cluster on a free loopback port."""
+    """A throw-away PostgreSQL cluster on a free loopback port.
+
+    Started by the embedded stack's own script, it wants a password as that
+    one does: ``url()`` names the password file the script wrote (passfile=).
+    """
 
     def __init__(self, base: Path, fast: bool = True):
         self.base = base
         self.fast = fast  # SITELINK_PG_FAST: no fsync, for tests; benchmarks measure durable
         self.datadir = base / "pgdata"
         self.socketdir = base / "run"
+        self.secrets_dir = base / "secrets"
+        self.passfile = self.secrets_dir / "pgpass"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = base / "postgres.log"
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://sitelink@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://sitelink@127.0.0.1:{self.port}/{dbname}?passfile={self.passfile}"
 
     def start(self, timeout: float = 60.0) -> None:
         env = {k: v for k, v in os.environ.items() if k != "SITELINK_PG_FAST"}
@@ -123,7 +156,7 @@ class PostgresServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(ROOT / "supervisor_conf" / "bin" / "postgres"), str(self.datadir), str(self.port),
-                 str(self.socketdir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                 str(self.socketdir), str(self.secrets_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self.proc.poll() is not None:
@@ -145,16 +178,24 @@ class PostgresServer:
 class Mosquitto:
     """A Mosquitto broker on a free loopback port.
 
-    ``listener_conf``, if given, replaces the generated configuration: lines
-    for the listener on ``self.port`` (password file, TLS...).
+    ``anonymous`` (the default, for the tests of everything else) starts the
+    embedded stack's script with ``--allow-anonymous``, so a client needs no
+    credentials; ``anonymous=False`` runs it with its defaults, as the
+    embedded stack does: only the users it generates in ``secrets_dir``
+    (default ``base/secrets``) get in. ``listener_conf``, if given, replaces
+    the generated configuration: lines for the listener on ``self.port``
+    (password file, TLS...).
     """
 
-    def __init__(self, base: Path, listener_conf: list[str] | None = None):
+    def __init__(self, base: Path, listener_conf: list[str] | None = None, *, anonymous: bool = True,
+                 secrets_dir: Path | None = None):
         self.base = base
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = base / "mosquitto.log"
         self.listener_conf = listener_conf
+        self.anonymous = anonymous
+        self.secrets_dir = secrets_dir or base / "secrets"
 
     def start(self, timeout: float = 15.0) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -168,7 +209,9 @@ class Mosquitto:
             env["SITELINK_MOSQUITTO_CONF"] = str(conf)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(ROOT / "supervisor_conf" / "bin" / "mosquitto"), str(self.port), str(self.base)],
+                [str(ROOT / "supervisor_conf" / "bin" / "mosquitto"),
+                 *(["--allow-anonymous"] if self.anonymous else []),
+                 str(self.port), str(self.base), str(self.secrets_dir)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def ready() -> bool:
