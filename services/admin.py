@@ -14,19 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from datetime import datetime
 
-import zmq
 from psycopg import ProgrammingError, conninfo
 
-from shared import config, db, embedded
+from shared import config, db, embedded, feed
+from shared.signals import SignalPipe
 
 DEMO_SITES = ("alpine-hut", "harbour-pump", "vineyard-north")
 #: A site whose broker does not exist, so errors and retries show.
 DEMO_BROKEN_SITE = "offshore-buoy"
-#: Largest feed message `watch` reads; a publisher sending more is disconnected.
-FEED_MESSAGE_LIMIT = 1 << 20
 
 
 def migrate(settings: config.Settings) -> int:
@@ -106,22 +106,39 @@ def status(settings: config.Settings) -> int:
     return 0
 
 
-def watch(settings: config.Settings, topic: str) -> int:
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.MAXMSGSIZE, FEED_MESSAGE_LIMIT)  # a feed message is a few hundred bytes
-    sub.connect(settings.status_feed)
-    sub.setsockopt_string(zmq.SUBSCRIBE, topic)
-    print(f"watching {settings.status_feed} (topic prefix {topic!r}); Ctrl-C to stop", file=sys.stderr)
+def watch(settings: config.Settings, topic: str, feeds: list[str], snapshots: list[str],
+          seconds: float | None = None) -> int:
+    """Print the current state of every connection and device, then every change.
+
+    One line per item: the feed topic, then the JSON body (shared/feed.py).
+    ``feeds``/``snapshots`` add other hosts' loggers, to follow a fleet.
+    """
+    client = feed.FeedClient([settings.status_feed, *feeds], [settings.snapshot_endpoint, *snapshots])
+    signals = SignalPipe(signal.SIGTERM, signal.SIGINT)
+    deadline = None if seconds is None else time.monotonic() + seconds
+
+    def show(body: dict) -> None:
+        line_topic = feed.topic_of(body)
+        if line_topic.startswith(topic):
+            print(line_topic, json.dumps(body), flush=True)
     try:
-        while True:
-            frame_topic, body = sub.recv_multipart()
-            print(frame_topic.decode(), json.dumps(json.loads(body)), flush=True)
+        state = client.start()
+        for endpoint, error in client.errors.items():
+            print(f"sitelink: no snapshot from {endpoint} ({error}); trying again", file=sys.stderr)
+        print(f"# current state: {len(client.connections)} connections, {len(client.devices)} devices "
+              f"(from {', '.join(client.snapshots)})", flush=True)
+        for body in sorted(state, key=feed.topic_of):
+            show(body)
+        print(f"# changes from {', '.join(client.feeds)} (Ctrl-C to stop)", flush=True)
+        while not signals.drain() and (deadline is None or time.monotonic() < deadline):
+            for body in client.poll(0.5):
+                show(body)
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        sub.close(linger=0)
-        context.term()
+        client.close()
+        signals.close()
 
 
 def psql(settings: config.Settings, args: list[str]) -> int:
@@ -160,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply missing migrations")
     sub.add_parser("seed-demo", help="insert the demo sites (once)")
     sub.add_parser("status", help="table of sites and their connections")
-    w = sub.add_parser("watch", help="print the status feed live")
+    w = sub.add_parser("watch", help="print the current state, then the status feed live")
+    w.add_argument("--feed", action="append", default=[], metavar="ENDPOINT",
+                   help="another host's status feed (repeat for each)")
+    w.add_argument("--snapshot", action="append", default=[], metavar="ENDPOINT",
+                   help="another host's snapshot endpoint (repeat for each)")
+    w.add_argument("--seconds", type=float, help="stop after this long")
     w.add_argument("--topic", default="", help="topic prefix, e.g. mqtt_status.site.3.")
     p = sub.add_parser("psql", help="psql on the database in use (no secret in its argv)")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="more arguments for psql")
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return status(settings)
         if args.command == "watch":
-            return watch(settings, args.topic)
+            return watch(settings, args.topic, args.feed, args.snapshot, args.seconds)
         if args.command == "psql":
             return psql(settings, args.psql_args)
         if args.command == "dburl":

@@ -28,7 +28,10 @@ Run it alone with ``python -m services.logger``.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -39,7 +42,7 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
-from shared import backoff, config, curve, db, exitcodes, limits, logs, process, protocol
+from shared import backoff, config, curve, db, exitcodes, feed, logs, process, protocol
 from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid, MonitorCycle,
                              ParseFailure, Refusal, StatusChange)
 from shared.signals import SignalPipe
@@ -61,6 +64,8 @@ SEQ_WINDOW = 10_000_000
 MAX_STREAMS = 100_000
 #: Frames read in one go before the loop looks at its other sockets.
 READ_BURST = 10_000
+#: How often the feed says when each site last sent data.
+DATA_SEEN_EVERY = 5.0
 
 
 # --------------------------------------------------------------------- helpers
@@ -127,7 +132,9 @@ def status_level(event: StatusChange) -> str:
 class Outcome:
     """What to do once a batch is committed."""
 
-    feed: list[tuple[str, dict]] = field(default_factory=list)
+    feed: list[dict] = field(default_factory=list)  # bodies (shared/feed.py), published in order
+    #: site id -> (name, the latest time one of its children received data)
+    data_seen: dict[int, tuple[str | None, datetime]] = field(default_factory=dict)
     connection_lines: list[tuple[str, str]] = field(default_factory=list)
     parsing_lines: list[tuple[str, str]] = field(default_factory=list)
     #: Events recorded as refused, per stream: (seq, reason), told to the sender with its ack.
@@ -135,6 +142,8 @@ class Outcome:
 
     def extend(self, other: Outcome) -> None:
         self.feed += other.feed
+        for site_id, (name, at) in other.data_seen.items():
+            self.saw_data(site_id, name, at)
         self.connection_lines += other.connection_lines
         self.parsing_lines += other.parsing_lines
         for key, items in other.refused.items():
@@ -142,6 +151,11 @@ class Outcome:
 
     def refuse(self, stream: tuple[str, str], seq: int, reason: str) -> None:
         self.refused.setdefault(stream, []).append((seq, reason))
+
+    def saw_data(self, site_id: int, name: str | None, at: datetime) -> None:
+        held = self.data_seen.get(site_id)
+        if held is None or held[1] < at:
+            self.data_seen[site_id] = (name, at)
 
 
 # ------------------------------------------------------------- batch writing
@@ -152,7 +166,7 @@ Item = Envelope | Invalid
 def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
     """Write ``batch`` inside the caller's transaction; return the after-commit work."""
     out = Outcome()
-    batch = _refuse_unknown_connections(s, batch)
+    batch, sites = _batch_context(s, batch)
     connection_logs: list[dict] = []
     parse_logs: list[dict] = []
     data: list[tuple[Envelope, Data]] = []
@@ -163,7 +177,7 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
         ev = env.event
         at = _at(env.ts)
         if isinstance(ev, StatusChange):
-            _write_status(s, env, ev, out, connection_logs)
+            _write_status(s, env, ev, out, connection_logs, sites)
         elif isinstance(ev, ConnectionLog):
             connection_logs.append(dict(
                 connection_id=ev.connection_id, at=at, level=ev.level, message=_pg(ev.message),
@@ -181,40 +195,53 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
         elif isinstance(ev, Data):
             data.append((env, ev))
         elif isinstance(ev, Flow):
-            _write_flow(s, env, ev, out, connection_logs)
+            _write_flow(s, env, ev, out, connection_logs, sites)
         elif isinstance(ev, MonitorCycle):
             out.connection_lines.append(("DEBUG", (
                 f"[monitor {ev.instance_id}] cycle: {ev.running} running, {ev.started} started, "
                 f"{ev.stopped} stopped, offline {ev.offline}, {ev.duration * 1000:.0f} ms")))
-            out.feed.append((f"monitor_cycle.{ev.instance_id}", {
-                "type": "monitor_cycle", "instance_id": ev.instance_id, "running": ev.running,
-                "started": ev.started, "stopped": ev.stopped, "offline": ev.offline,
-                "duration": ev.duration, "timestamp": at.isoformat()}))
+            out.feed.append({"type": "monitor_cycle", "instance_id": ev.instance_id, "running": ev.running,
+                             "started": ev.started, "stopped": ev.stopped, "offline": ev.offline,
+                             "duration": ev.duration, "timestamp": at.isoformat()})
         elif isinstance(ev, DeviceChange):
-            out.feed.append(_device_feed(ev.device_kind, ev.device_id, ev.site_id, ev.name,
-                                         ev.online, at))
+            out.feed.append({**feed.device_body(ev.device_kind, {
+                "id": ev.device_id, "site_id": ev.site_id, "site": sites.get(("site", ev.site_id)),
+                "name": ev.name}, ev.online), "timestamp": at.isoformat()})
     if connection_logs:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
         s.many("parsing_log_insert", parse_logs)
     if data:
-        _write_data(s, data, out)
+        _write_data(s, data, out, sites)
     return out
 
 
-def _refuse_unknown_connections(s: db.Session, batch: list[Item]) -> list[Item]:
-    """Events about a connection that does not exist are refused, not silently lost."""
+Sites = dict[tuple[str, int], object]
+
+
+def _batch_context(s: db.Session, batch: list[Item]) -> tuple[list[Item], Sites]:
+    """Events about a connection that does not exist are refused, not silently lost.
+
+    Also returns the batch's context for the feed: ("conn", id) -> site id and
+    ("site", id) -> site name.
+    """
     ids = {env.event.connection_id for env in batch
            if isinstance(env, Envelope) and hasattr(env.event, "connection_id")}
-    if not ids:
-        return batch
-    known = {row["id"] for row in s.rows("known_connections", {"ids": list(ids)})}
-    if len(known) == len(ids):
-        return batch
+    site_ids = {env.event.site_id for env in batch if isinstance(env, Envelope) and isinstance(env.event, DeviceChange)}
+    if not ids and not site_ids:
+        return batch, {}
+    sites: Sites = {}
+    for row in s.rows("batch_context", {"connection_ids": list(ids), "site_ids": list(site_ids)}):
+        if row["connection_id"] is not None:
+            sites[("conn", row["connection_id"])] = row["site_id"]
+        sites[("site", row["site_id"])] = row["site"]
+    if all(("conn", cid) in sites for cid in ids):
+        return batch, sites
     return [Invalid(reason=f"connection {env.event.connection_id} does not exist (deleted?)",
                     sender=env.sender, incarnation=env.incarnation, seq=env.seq, kind=env.event.KIND)
-            if isinstance(env, Envelope) and getattr(env.event, "connection_id", None) not in (None, *known)
-            else env for env in batch]
+            if isinstance(env, Envelope) and getattr(env.event, "connection_id", None) is not None
+            and ("conn", env.event.connection_id) not in sites
+            else env for env in batch], sites
 
 
 def _record_invalid(item: Invalid, out: Outcome, connection_logs: list[dict]) -> None:
@@ -231,7 +258,7 @@ def _record_invalid(item: Invalid, out: Outcome, connection_logs: list[dict]) ->
 
 
 def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
-                  connection_logs: list[dict]) -> None:
+                  connection_logs: list[dict], sites: Sites) -> None:
     at = _at(env.ts)
     row = s.one(f"status_{ev.status}", dict(
         connection_id=ev.connection_id, at=at, message=_pg(ev.message),
@@ -250,23 +277,15 @@ def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
                                             f"(an older status, not applied)"))
         return
     out.connection_lines.append((level, f"[site {row['site_id']} connection {ev.connection_id}] {message}"))
-    body = _status_body(row, at, message)
-    if ev.retry_attempt is not None:
-        body["retry_attempt"] = ev.retry_attempt
-    if ev.next_retry_at is not None:
-        body["next_retry_at"] = _at(ev.next_retry_at).isoformat()
-    if ev.gave_up:
-        body["gave_up"] = True
-    out.feed.append((f"mqtt_status.site.{row['site_id']}.conn.{ev.connection_id}", body))
+    out.feed.append(feed.status_body(
+        {**row, "site": sites.get(("site", row["site_id"]))}, message, timestamp=at.isoformat(),
+        retry_attempt=ev.retry_attempt,
+        next_retry_at=_at(ev.next_retry_at).isoformat() if ev.next_retry_at is not None else None,
+        gave_up=ev.gave_up))
 
 
-def _status_body(row: dict, at: datetime, message: str) -> dict:
-    return {"type": "mqtt_status", "site_id": row["site_id"], "connection_id": row["id"],
-            "status": row["status"], "is_active": row["is_active"], "timestamp": at.isoformat(),
-            "message": message, "paused": row["paused_since"] is not None}
-
-
-def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection_logs: list[dict]) -> None:
+def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection_logs: list[dict],
+                sites: Sites) -> None:
     at = _at(env.ts)
     if ev.paused:
         message = (f"paused: {ev.unacked} events wait for the logger to store them; not reading from the "
@@ -279,28 +298,25 @@ def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection
     out.connection_lines.append(("WARNING" if ev.paused else "INFO", f"[connection {ev.connection_id}] {message}"))
     row = s.one("set_flow", dict(connection_id=ev.connection_id, paused=ev.paused, at=at))
     if row is not None:
-        out.feed.append((f"mqtt_status.site.{row['site_id']}.conn.{ev.connection_id}",
-                         _status_body(row, at, message)))
+        out.feed.append(feed.status_body({**row, "site": sites.get(("site", row["site_id"]))}, message,
+                                         timestamp=at.isoformat(), retry_attempt=None, next_retry_at=None,
+                                         gave_up=False))
 
 
-def _device_feed(kind: str, device_id: int, site_id: int, name: str, online: bool,
-                 at: datetime) -> tuple[str, dict]:
-    return (f"device_status.site.{site_id}.{kind}.{device_id}", {
-        "type": "device_status", "kind": kind, "id": device_id, "site_id": site_id, "name": name,
-        "is_online": online, "timestamp": at.isoformat()})
-
-
-def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome) -> None:
+def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome, sites: Sites) -> None:
     """Devices and readings for a batch, set-based: four statements whatever its size."""
     gateways: dict[tuple[int, str], datetime] = {}
     for env, ev in items:
         key = (ev.connection_id, ev.gateway)
         gateways[key] = max(gateways.get(key, _at(0)), _at(env.ts))
+        site_id = sites.get(("conn", ev.connection_id))
+        if site_id is not None:
+            out.saw_data(site_id, sites.get(("site", site_id)), _at(env.ts))
     rows = s.rows("upsert_gateways", {"connection_ids": [k[0] for k in gateways],
                                       "names": [k[1] for k in gateways],
                                       "seen": list(gateways.values())})
     gateway_id = {(r["connection_id"], r["name"]): r["id"] for r in rows}
-    _announce(out, "gateway", rows)
+    _announce(out, "gateway", rows, sites)
 
     dataloggers: dict[tuple[int, str], datetime] = {}
     for env, ev in items:
@@ -314,7 +330,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome)
                                              "names": [k[1] for k in dataloggers],
                                              "seen": list(dataloggers.values())})
         datalogger_id = {(r["gateway_id"], r["name"]): r["id"] for r in rows}
-        _announce(out, "datalogger", rows)
+        _announce(out, "datalogger", rows, sites)
 
     sensors: dict[tuple[int, int | None, str], datetime] = {}
     for env, ev in items:
@@ -332,7 +348,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome)
                                      "names": [k[2] for k in sensors],
                                      "seen": list(sensors.values())})
     sensor_id = {(r["gateway_id"], r["datalogger_id"], r["name"]): r["id"] for r in rows}
-    _announce(out, "sensor", rows)
+    _announce(out, "sensor", rows, sites)
 
     sensor_ids, stamps, values = [], [], []
     for env, ev in items:
@@ -347,11 +363,12 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome)
     s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
 
 
-def _announce(out: Outcome, kind: str, rows: list[dict]) -> None:
-    now = datetime.now(timezone.utc)
+def _announce(out: Outcome, kind: str, rows: list[dict], sites: Sites) -> None:
+    now = datetime.now(timezone.utc).isoformat()
     for r in rows:
         if r["is_new"] or r["came_online"]:
-            out.feed.append(_device_feed(kind, r["id"], r["site_id"], r["name"], True, now))
+            out.feed.append({**feed.device_body(kind, {**r, "site": sites.get(("site", r["site_id"]))}, True),
+                             "timestamp": now})
 
 
 def _describe_event(env: Envelope) -> str:
@@ -416,6 +433,15 @@ class LoggerService:
         self.feed.setsockopt(zmq.LINGER, 1000)
         self.feed.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are short topic prefixes
         self.feed.bind(settings.status_feed)
+        self.publisher = feed.Publisher(self.feed, f"{socket.gethostname()}/{os.getpid()}.{secrets.token_hex(3)}")
+        self.snapshots = self.context.socket(zmq.ROUTER)
+        self.snapshots.setsockopt(zmq.LINGER, 0)
+        self.snapshots.setsockopt(zmq.MAXMSGSIZE, 4096)  # requests are a few bytes
+        self.snapshots.setsockopt(zmq.SNDHWM, 100)
+        self.snapshots.bind(settings.snapshot_endpoint)
+        #: site id -> (name, latest data time) not yet said on the feed, and when it last was
+        self.data_seen: dict[int, tuple[str | None, datetime]] = {}
+        self.data_said_at = 0.0
         self.db = db.Database(settings.database_url, "sitelink-logger")
         self.streams: dict[tuple[str, str], Stream] = {}
         self.pending: list[Item] = []
@@ -426,7 +452,6 @@ class LoggerService:
         #: Senders whose frames were dropped while the batch could not be stored.
         self.owed_resend: set[bytes] = set()
         self.dropped_frames = 0
-        self.feed_seq = 0
         self.connections_log = logs.channel("connections")
         self.parsing_log = logs.channel("parsing")
         self.throttle = logs.Throttle()
@@ -439,10 +464,12 @@ class LoggerService:
         poller = zmq.Poller()
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self.snapshots, zmq.POLLIN)
         if self.gate is not None:
             poller.register(self.gate.socket, zmq.POLLIN)
-        logger.info("logger ready: events on {}{}, status feed on {}", self.settings.events_endpoint,
-                    " (CURVE)" if self.gate is not None else "", self.settings.status_feed)
+        logger.info("logger ready: events on {}{}, status feed on {} (snapshots on {}), as {}",
+                    self.settings.events_endpoint, " (CURVE)" if self.gate is not None else "",
+                    self.settings.status_feed, self.settings.snapshot_endpoint, self.publisher.incarnation)
         try:
             while True:
                 if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
@@ -455,6 +482,10 @@ class LoggerService:
                     self._receive()
                 if self._batch_ready():
                     self._flush()
+                if ready.get(self.snapshots):
+                    self._answer_snapshot()
+                self._say_data_seen()
+                self.publisher.heartbeat()
                 self._prune()
         finally:
             self._shutdown()
@@ -466,7 +497,7 @@ class LoggerService:
     def _poll_timeout(self) -> float:
         now = time.monotonic()
         if not self.pending:
-            return 1.0
+            return min(1.0, feed.HEARTBEAT_EVERY)
         if self.db_retry_at > now:
             return self.db_retry_at - now
         assert self.batch_started is not None
@@ -686,10 +717,12 @@ class LoggerService:
             self.connections_log.log(level, line)
         for level, line in outcome.parsing_lines:
             self.parsing_log.log(level, line)
-        for topic, body in outcome.feed:
-            self.feed_seq += 1
-            body["seq"] = self.feed_seq
-            self.feed.send_multipart([topic.encode(), json.dumps(body).encode()])
+        for body in outcome.feed:
+            self.publisher.publish(body)
+        for site_id, (name, at) in outcome.data_seen.items():
+            held = self.data_seen.get(site_id)
+            if held is None or held[1] < at:
+                self.data_seen[site_id] = (name, at)
         touched: dict[tuple[str, str], Stream] = {}
         for item in batch:
             key = (item.sender, item.incarnation)
@@ -722,6 +755,45 @@ class LoggerService:
             if not refused:
                 return
 
+    def _say_data_seen(self) -> None:
+        """When each site last sent data, at most every DATA_SEEN_EVERY s (not per reading)."""
+        now = time.monotonic()
+        if not self.data_seen or now - self.data_said_at < DATA_SEEN_EVERY:
+            return
+        self.data_said_at = now
+        seen, self.data_seen = self.data_seen, {}
+        for site_id, (name, at) in sorted(seen.items()):
+            self.publisher.publish({"type": "site_data", "site_id": site_id, "site": name,
+                                    "last_data_at": at.isoformat(), "timestamp": at.isoformat()})
+
+    def _answer_snapshot(self) -> None:
+        """One snapshot request per loop pass: the whole state, valid at the feed's current seq."""
+        try:
+            frames = self.snapshots.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        # From a REQ socket: identity, empty delimiter, request; from a DEALER maybe no delimiter.
+        head = frames[:2] if len(frames) >= 3 and frames[1] == b"" else frames[:1]
+        try:
+            with self.db.transaction() as s:
+                connections = s.rows("feed_connections")
+                devices = s.rows("feed_devices")
+                sites = s.rows("feed_site_data")
+        except db.DatabaseError as exc:
+            reply = feed.snapshot_error(f"cannot read PostgreSQL: {exc}")
+        else:
+            reply = self.publisher.snapshot_reply(
+                [feed.status_body(r, r["error_message"], timestamp=feed.iso(r["status_changed_at"]),
+                                  retry_attempt=r["mqtt_retry_count"], next_retry_at=feed.iso(r["mqtt_next_retry"]),
+                                  gave_up=False) for r in connections],
+                [*(feed.device_body(r["kind"], r, r["is_online"]) for r in devices),
+                 *({"type": "site_data", "site_id": r["site_id"], "site": r["site"],
+                    "last_data_at": feed.iso(r["last_data_at"])} for r in sites)])
+        try:
+            self.snapshots.send_multipart([*head, *reply], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the asker is gone or does not read; it asks again
+
     def _reply(self, identity: bytes, frame: bytes) -> None:
         try:
             self.router.send_multipart([identity, frame], zmq.NOBLOCK)
@@ -752,6 +824,7 @@ class LoggerService:
             logger.warning("exiting with {} events not stored; their senders will send them again",
                            len(self.pending))
         self.router.close(linger=0)
+        self.snapshots.close(linger=0)
         self.feed.close(linger=1000)
         if self.gate is not None:
             self.gate.close()

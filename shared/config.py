@@ -130,6 +130,9 @@ class Settings:
                                     "a tcp:// endpoint is encrypted and authenticated with CURVE.")
     status_feed: str = _setting("STATUS_FEED", "tcp://127.0.0.1:5556", _zmq_endpoint,
                                 "Where the logger publishes status changes (ZeroMQ PUB).")
+    snapshot_endpoint: str = _setting("SNAPSHOT_ENDPOINT", "tcp://127.0.0.1:5557", _zmq_endpoint,
+                                      "Where the logger answers snapshot requests of the feed's subscribers "
+                                      "(ZeroMQ ROUTER; a REQ socket asks).")
     log_dir: Path = _setting("LOG_DIR", Path("logs"), Path,
                              "Directory of the file logs (relative to SITELINK_HOME).")
     log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")

@@ -103,7 +103,7 @@ RETURNING s.id, g.site_id, s.name;
 -- name: status_connecting
 UPDATE mqtt_connection SET status = 'connecting', status_changed_at = %(at)s, paused_since = NULL
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since;
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
 
 -- name: status_connected
 UPDATE mqtt_connection
@@ -111,7 +111,7 @@ SET status = 'connected', status_changed_at = %(at)s, last_connected_at = %(at)s
     paused_since = NULL,
     mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since;
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
 
 -- name: status_error
 UPDATE mqtt_connection
@@ -120,13 +120,13 @@ SET status = 'error', status_changed_at = %(at)s, error_message = %(message)s, p
     mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
     mqtt_next_retry = %(next_retry_at)s
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since;
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
 
 -- name: status_disconnected
 UPDATE mqtt_connection
 SET status = 'disconnected', status_changed_at = %(at)s, error_message = %(message)s, paused_since = NULL
 WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since;
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
 
 -- A child paused by backpressure (or flowing again). A status change clears
 -- it too: a child that reconnects starts unpaused.
@@ -135,10 +135,39 @@ UPDATE mqtt_connection
 SET paused_since = CASE WHEN %(paused)s THEN coalesce(paused_since, %(at)s) END
 WHERE id = %(connection_id)s AND status = 'connected'
   AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since;
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
 
--- name: known_connections
-SELECT id FROM mqtt_connection WHERE id = ANY(%(ids)s);
+-- The connections (and sites) a batch names: which exist, and what the feed
+-- says of them.
+-- name: batch_context
+SELECT c.id AS connection_id, c.site_id, s.name AS site
+FROM mqtt_connection c JOIN site s ON s.id = c.site_id
+WHERE c.id = ANY(%(connection_ids)s)
+UNION ALL
+SELECT NULL, s.id, s.name FROM site s WHERE s.id = ANY(%(site_ids)s);
+
+-- A snapshot for the feed's late joiners: every connection, every device,
+-- when each site last sent data.
+-- name: feed_connections
+SELECT c.id, c.site_id, s.name AS site, c.status, c.is_active, c.paused_since, c.error_message,
+       c.last_connected_at, c.connection_errors, c.mqtt_retry_count, c.mqtt_next_retry, c.status_changed_at
+FROM mqtt_connection c JOIN site s ON s.id = c.site_id
+ORDER BY c.id;
+
+-- name: feed_devices
+SELECT 'gateway' AS kind, g.id, g.site_id, s.name AS site, g.name, g.is_online, g.last_seen_at
+FROM gateway g JOIN site s ON s.id = g.site_id
+UNION ALL
+SELECT 'datalogger', d.id, g.site_id, s.name, d.name, d.is_online, d.last_seen_at
+FROM datalogger d JOIN gateway g ON g.id = d.gateway_id JOIN site s ON s.id = g.site_id
+UNION ALL
+SELECT 'sensor', x.id, g.site_id, s.name, x.name, x.is_online, x.last_seen_at
+FROM sensor x JOIN gateway g ON g.id = x.gateway_id JOIN site s ON s.id = g.site_id;
+
+-- name: feed_site_data
+SELECT g.site_id, s.name AS site, max(g.last_seen_at) AS last_data_at
+FROM gateway g JOIN site s ON s.id = g.site_id
+GROUP BY g.site_id, s.name;
 
 -- name: connection_log_insert
 INSERT INTO mqtt_connection_log

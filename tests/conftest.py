@@ -133,6 +133,7 @@ class Stack:
             "SITELINK_RUNTIME_DIR": str(self.runtime_dir),
             "SITELINK_EVENTS_ENDPOINT": f"ipc://{self.runtime_dir}/events.sock",
             "SITELINK_STATUS_FEED": f"tcp://127.0.0.1:{free_port()}",
+            "SITELINK_SNAPSHOT_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
             "SITELINK_LOG_DIR": str(self.log_dir),
             "SITELINK_LOG_LEVEL": "DEBUG",
             "SITELINK_MONITOR_INTERVAL": "1",

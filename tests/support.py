@@ -20,6 +20,8 @@ import paho.mqtt.client as mqtt
 import psycopg
 import zmq
 
+from shared import feed
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -253,9 +255,12 @@ class FeedSubscriber:
         self.messages: list[tuple[str, dict]] = []
 
     def poll(self) -> list[tuple[str, dict]]:
+        """Every message so far but heartbeats, decoded as any subscriber would (shared/feed.py)."""
         while self.socket.poll(0):
-            topic, body = self.socket.recv_multipart()
-            self.messages.append((topic.decode(), json.loads(body)))
+            frames = self.socket.recv_multipart()
+            body = feed.decode(frames)
+            if body["type"] != "heartbeat":
+                self.messages.append((frames[0].decode(), body))
         return self.messages
 
     def wait_for(self, match: Callable[[str, dict], bool], timeout: float = 15.0,

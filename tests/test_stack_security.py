@@ -295,6 +295,7 @@ def made_up() -> Iterator[MadeUp]:
         "SITELINK_EMBEDDED_MQTT_PORT": str(free_port()),
         "SITELINK_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
         "SITELINK_STATUS_FEED": f"tcp://127.0.0.1:{free_port()}",
+        "SITELINK_SNAPSHOT_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
         "SITELINK_PG_FAST": "1",
         # An operator may well set these: the connection children must not get them.
         "SITELINK_DATABASE_URL": config.load({"SITELINK_HOME": str(checkout),

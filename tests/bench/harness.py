@@ -54,6 +54,7 @@ RETRIES = env_int("SITELINK_BENCH_RETRIES", 1)
 #: logs at DEBUG) is removed, so the services run with their own defaults,
 #: whatever those are at the commit measured.
 WHERE = ("SITELINK_HOME", "SITELINK_DATABASE_URL", "SITELINK_EVENTS_ENDPOINT", "SITELINK_STATUS_FEED",
+         "SITELINK_SNAPSHOT_ENDPOINT", "SITELINK_RUNTIME_DIR",
          "SITELINK_LOG_DIR")
 
 
