@@ -209,7 +209,8 @@ test: setup
 # Benchmarks: tests/bench/bench_*.py, collected only when tests/bench is named
 # (tests/bench/conftest.py), so `make test` never runs them. Each prints its
 # figures and rewrites its section of tests/bench/RESULTS.md. Durations:
-# SITELINK_BENCH_SECONDS, SITELINK_BENCH_CHILDREN, SITELINK_BENCH_FLIPS, ...
+# SITELINK_BENCH_SECONDS, SITELINK_BENCH_CHILDREN, SITELINK_BENCH_FLIPS,
+# SITELINK_BENCH_FLEET_SITES, ... (see tests/bench/harness.py and each bench_*.py)
 # (see tests/bench/harness.py); PYTEST_ARGS='-k children' runs one.
 bench: setup
 	cd "$(ROOT)" && "$(PYTHON)" -m pytest tests/bench -p no:cacheprovider -s $(PYTEST_ARGS)

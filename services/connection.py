@@ -14,6 +14,11 @@ that reports every change. Retries back off exponentially with jitter; after
 ``SITELINK_MAX_RETRIES`` failures in a row it reports that it gives up and
 exits with ``exitcodes.GAVE_UP``, and the monitor leaves it stopped until the
 cool-down (``mqtt_next_retry``) has passed.
+
+It runs only while its monitor's claim on the connection holds: on every
+tick and before every connection attempt it checks the fence the monitor
+publishes (shared/runfile.py) and, past it, disconnects and exits with
+``exitcodes.FENCED``, even if the monitor is frozen or cut off from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared import backoff, config, curve, db, exitcodes, limits, logs, parsers, process, protocol
-from shared.attempts import AttemptSlots
+from services.states import CHILD_TRANSITIONS, ChildStatus, IllegalTransition
+from shared import backoff, config, curve, db, exitcodes, limits, logs, parsers, process, protocol, runfile
 from shared.connections import ConnectionSettings
 from shared.events import EventSender, EventTooLarge
 from shared.protocol import ConnectionLog, Data, Flow, ParseFailure, StatusChange
@@ -316,10 +321,12 @@ class ConnectionChild:
                                   resend_after=settings.resend_after, curve=keys)
         self.manual_ack = settings.broker_acks == "after-commit"
         self.setup_error = self._set_up()
-        self.slots = AttemptSlots(conn.attempt_slots, settings.connect_rate) if conn.attempt_slots else None
+        # The file shared with the monitor (attempt rate, fence); none when run alone.
+        self.shared = runfile.RunState.attach(conn.state_fd) if conn.state_fd is not None else None
         self.slot_at: float | None = None  # the booked attempt slot (monotonic)
+        self.fence_until = 0.0  # runfile.clock(); read again only once passed (it only grows)
         self.stall_after = conn.stall_seconds(settings.stall_after)
-        self.status = "disconnected"
+        self.status = ChildStatus.DISCONNECTED
         self.failures = 0  # failed attempts in a row
         self.rejections = 0  # of which rejections that retrying will not fix
         self.next_attempt_at = 0.0  # monotonic
@@ -334,6 +341,7 @@ class ConnectionChild:
         self.pause_reported = False
         self.paused_ping_at = 0.0
         self.stopping = False
+        self.stop_message = ""  # why we disconnect when we stop ("" = asked to)
         self.exit_code = exitcodes.OK
 
     def _set_up(self) -> str | None:
@@ -378,23 +386,26 @@ class ConnectionChild:
     def transition(self, status: str, message: str, exc: BaseException | None = None,
                    retry_attempt: int | None = None, next_retry_at: float | None = None,
                    gave_up: bool = False) -> None:
-        # disconnected -> connecting -> connected -> disconnected
-        #                     |                          |
-        #                     +-> error -> connecting    +-> connecting (retry)
-        self.status = status
+        # Allowed moves: services.states.CHILD_TRANSITIONS.
+        new = ChildStatus(status)
+        if new not in CHILD_TRANSITIONS[self.status]:
+            raise IllegalTransition(f"connection {self.conn.connection_id}: {self.status.value} -> {new.value}")
+        self.status = new
         self.events.send(StatusChange(
             connection_id=self.conn.connection_id, status=status, message=message,
             broker_host=self.conn.broker_host,
             exception_type=type(exc).__name__ if exc is not None else "",
             traceback=self.conn.redact("".join(traceback.format_exception(exc))) if exc is not None else "",
-            retry_attempt=retry_attempt, next_retry_at=next_retry_at, gave_up=gave_up))
+            retry_attempt=retry_attempt, next_retry_at=next_retry_at, gave_up=gave_up, epoch=self.conn.epoch))
         logger.info("connection {} {}: {}", self.conn.connection_id, status, message)
 
     def _attempt(self) -> None:
-        if self.slots is not None:
+        if self._past_fence():
+            return
+        if self.shared is not None:
             # Take a turn in the monitor-wide attempt rate before connecting.
             if self.slot_at is None:
-                self.slot_at = self.slots.reserve()
+                self.slot_at = self.shared.reserve_attempt(self.settings.connect_rate)
             if time.monotonic() < self.slot_at:
                 self.next_attempt_at = self.slot_at
                 return
@@ -476,7 +487,7 @@ class ConnectionChild:
         self.broker_acks.clear()
         if self.status == "connected":
             if self.stopping:
-                self.transition("disconnected", "")
+                self.transition("disconnected", self.stop_message)
                 return
             if self.drop_reason is not None:
                 reason, self.drop_reason = self.drop_reason, None
@@ -610,7 +621,7 @@ class ConnectionChild:
         now = time.monotonic()
         if not paused:
             if self.pause_reported:
-                self.events.send(Flow(connection_id=self.conn.connection_id, paused=False))
+                self.events.send(Flow(connection_id=self.conn.connection_id, paused=False, epoch=self.conn.epoch))
             self.paused_at, self.pause_reported = None, False
             return
         if self.paused_at is None:
@@ -620,7 +631,7 @@ class ConnectionChild:
         if not self.pause_reported and now - self.paused_at >= PAUSE_REPORT_AFTER:
             self.pause_reported = True
             self.events.send(Flow(connection_id=self.conn.connection_id, paused=True,
-                                  unacked=self.events.unacked))
+                                  unacked=self.events.unacked, epoch=self.conn.epoch))
             logger.warning("connection {} paused: the logger has not stored {} events ({} bytes)",
                            self.conn.connection_id, self.events.unacked, self.events.unacked_bytes)
         if now - self.paused_ping_at >= self.conn.keepalive / 2:
@@ -654,8 +665,8 @@ class ConnectionChild:
             self._stop(signals)
         finally:
             signals.close()
-            if self.slots is not None:
-                self.slots.close()
+            if self.shared is not None:
+                self.shared.close()
             self.events.close()
             self.context.term()
         return self.exit_code
@@ -681,13 +692,36 @@ class ConnectionChild:
             logger.info("connection {}: could not reset the old session ({}); the first connect will",
                         c.connection_id, self._plain(exc))
 
+    def _past_fence(self) -> bool:
+        """Whether our monitor's claim may no longer be trusted; then stop, before
+        another monitor may start a client for this site."""
+        if self.shared is None:
+            return False
+        now = runfile.clock()
+        if now < self.fence_until:
+            return False
+        self.fence_until = self.shared.fence()
+        if now < self.fence_until:
+            return False
+        if not self.stopping:
+            logger.warning("connection {}: its monitor's lease ended (fence passed); disconnecting",
+                           self.conn.connection_id)
+            self.stop_message = "its monitor's lease on this connection ended; another monitor may take it over"
+            self.exit_code = exitcodes.FENCED
+            self.stopping = True
+        return True
+
     def _step(self, signals: SignalPipe) -> None:
+        if self._past_fence():
+            return
         now = time.monotonic()
         if self.status in ("disconnected", "error") and now >= self.next_attempt_at:
             self._attempt()
             if self.stopping:
                 return
         timeout = TICK
+        if self.shared is not None:
+            timeout = min(timeout, max(0.0, self.fence_until - runfile.clock()))  # wake at the fence
         if self.status in ("disconnected", "error"):
             timeout = min(timeout, max(0.0, self.next_attempt_at - time.monotonic()))
         timeout = self.events.bound(timeout)
@@ -790,10 +824,10 @@ class ConnectionChild:
                 if self.client.socket() is not None and not self.client.want_write():
                     break
             if self.status == "connected":
-                self.transition("disconnected", "")
+                self.transition("disconnected", self.stop_message)
         elif self.status != "disconnected" and self.exit_code not in (exitcodes.GAVE_UP, exitcodes.CONFIG):
             self.client.disconnect()
-            self.transition("disconnected", "")
+            self.transition("disconnected", self.stop_message)
         if not self.events.flush(self.settings.ack_linger):
             logger.warning("connection {}: stopping with {} events not acknowledged by the logger",
                            self.conn.connection_id, self.events.unacked)

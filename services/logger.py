@@ -42,7 +42,7 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
-from shared import backoff, config, curve, db, exitcodes, feed, logs, process, protocol
+from shared import backoff, config, curve, db, exitcodes, feed, logs, process, protocol, runfile
 from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid, MonitorCycle,
                              ParseFailure, Refusal, StatusChange)
 from shared.signals import SignalPipe
@@ -260,10 +260,13 @@ def _record_invalid(item: Invalid, out: Outcome, connection_logs: list[dict]) ->
 def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
                   connection_logs: list[dict], sites: Sites) -> None:
     at = _at(env.ts)
+    # Applied only above the row's order (epoch, seq), never by comparing
+    # the senders' clocks: ``at`` is only what people are shown.
     row = s.one(f"status_{ev.status}", dict(
         connection_id=ev.connection_id, at=at, message=_pg(ev.message),
         retry_attempt=ev.retry_attempt,
-        next_retry_at=_at(ev.next_retry_at) if ev.next_retry_at is not None else None))
+        retry_in=ev.next_retry_at - env.ts if ev.next_retry_at is not None else None,
+        epoch=ev.epoch, seq=env.seq + (protocol.FINAL_RANK if ev.final else 0)))
     level = status_level(ev)
     message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
     # The log keeps every event; the row and the feed only the newest state
@@ -296,7 +299,7 @@ def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection
                                 level="WARNING" if ev.paused else "INFO", message=message,
                                 exception_type="", traceback="", broker_host="", retry_attempt=None))
     out.connection_lines.append(("WARNING" if ev.paused else "INFO", f"[connection {ev.connection_id}] {message}"))
-    row = s.one("set_flow", dict(connection_id=ev.connection_id, paused=ev.paused, at=at))
+    row = s.one("set_flow", dict(connection_id=ev.connection_id, paused=ev.paused, at=at, epoch=ev.epoch))
     if row is not None:
         out.feed.append(feed.status_body({**row, "site": sites.get(("site", row["site_id"]))}, message,
                                          timestamp=at.isoformat(), retry_attempt=None, next_retry_at=None,
@@ -415,9 +418,9 @@ def _bind_events(context: zmq.Context, settings: config.Settings) -> tuple[zmq.S
     endpoint = settings.events_endpoint
     if endpoint.startswith("ipc://"):
         # The directory is the guard: 0700, this user's.
-        curve.private_dir(Path(endpoint[len("ipc://"):]).parent)
+        runfile.private_dir(Path(endpoint[len("ipc://"):]).parent)
     elif curve.needed(endpoint):
-        keys = curve.load(settings.runtime_dir / "curve", server=True)
+        keys = curve.load(settings.runtime_dir, server=True)
         gate = curve.Gatekeeper(context, keys.client_public)
         keys.secure_server(router)
     router.bind(endpoint)

@@ -1,577 +1,746 @@
-"""The monitor: the only process that decides which connections run.
+"""The monitor: the only process that decides which connections run here.
 
-Each cycle (every ``SITELINK_MONITOR_INTERVAL`` seconds, and at once when
-PostgreSQL NOTIFYs a change of ``mqtt_connection``):
+Several monitors on one PostgreSQL are one fleet (services/fleet.py): each
+holds about its share of the active connections, and runs a connection only
+while it holds its claim. The loop (``run``) is the same few steps each pass,
+as supervisor's:
 
-1. start a child for every active connection that has none and is due
-   (``mqtt_next_retry`` null or past, and no crash or give-up hold);
-2. stop the child of every connection that is inactive, deleted, or whose
-   broker settings changed (it starts again with the new ones);
-3. mark gateways, dataloggers and sensors offline past their threshold;
-4. log the cycle, with this monitor's ``instance_id``.
+1. signals: SIGTERM or SIGINT ends the loop;
+2. reap: every child that exited changes its connection's state at once;
+3. cycle, every ``SITELINK_MONITOR_INTERVAL`` seconds, when a NOTIFY came
+   (a row changed; a monitor joined, left or released connections), when a
+   renewal or a restart is due:
+   a. heartbeat, the live monitors and the rows, in one transaction;
+   b. reconcile each row with its record: stop what became inactive, was
+      deleted or changed, or whose claim was lost; settle statuses;
+   c. renew the claims (every quarter lease), release what is to go;
+   d. balance: hand over what exceeds this monitor's share, claim up to it,
+      start a child for each connection won;
+   e. mark devices offline; log the cycle;
+4. leases: a claim not renewed for three quarters of the lease (by this
+   monitor's own clock: PostgreSQL may be unreachable) stops its child;
+5. stops: SIGKILL what did not stop within the grace period;
+6. wait for a signal, an ack, a notification or the next deadline.
 
-Children are reaped as soon as they exit (SIGCHLD wakes the loop). A child
-that crashes is restarted after a growing delay. SIGTERM or SIGINT stops
-every child (SIGTERM, a grace period, SIGKILL) before the monitor exits, and
-each child asks the kernel to be signalled if the monitor dies anyway.
+Each connection has one ``Record`` whose state (services/states.py) changes
+only in ``change_state``, which refuses what ``TRANSITIONS`` does not allow;
+every call that changes a state is labelled ``# OLD -> NEW``. The operating
+system is behind ``Processes`` (services/processes.py), the database behind
+``Fleet`` (services/fleet.py): both replaceable by fakes, so the decisions are
+tested without a process (tests/test_monitor_states.py).
+
+SIGTERM or SIGINT stops every child (SIGTERM, a grace period, SIGKILL), then
+releases every claim so that the other monitors take over at once. Each child
+asks the kernel to be signalled if the monitor dies anyway, and stops by
+itself when the monitor's fence passes (services/connection.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import enum
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 from loguru import logger
 
-from services.zygote import SpawnRefused, Zygote
-from shared import attempts, backoff, config, curve, db, exitcodes, logs, process, protocol
+from services.fleet import SLACK, Fleet, MembershipLost, Outage, Snapshot, share
+from services.processes import Exit, Processes, SpawnError
+from services.zygote import SpawnRefused
+from services.states import CLAIMED, TRANSITIONS, WITH_CHILD, ConnState, IllegalTransition
+from shared import backoff, config, curve, db, exitcodes, logs, process, runfile
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
 from shared.signals import SignalPipe
 
+S = ConnState
 #: A child that ran at least this long before crashing starts its backoff afresh.
 STABLE_AFTER = 60.0
-DEVICE_KINDS = ("gateway", "datalogger", "sensor")
+#: Most new connections one cycle claims: between two cycles the monitor
+#: learns of monitors that joined, so a fleet starting together splits the
+#: work at once instead of one monitor taking everything and handing it back.
+CLAIM_BATCH = 100
+#: When a claim got fewer rows than asked (some were locked), the next cycle comes this soon.
+CLAIM_RETRY = 0.25
+FOREVER = float("inf")
+
+
+class After(enum.IntEnum):
+    """What follows a child's stop, weakest first: a later reason may only strengthen it."""
+
+    RESTART = 1  # STOPPING -> BACKOFF: the settings changed
+    RELEASE = 2  # STOPPING -> RELEASING: inactive, handed over, the monitor stops
+    DROP = 3     # STOPPING -> IDLE: the claim is not ours any more
 
 
 @dataclass
-class Child:
+class Record:
+    """Everything this monitor knows of one connection."""
+
     connection_id: int
-    pid: int
-    settings: ConnectionSettings
-    started_at: float
-    stop_reason: str | None = None
+    state: ConnState = S.IDLE
+    # The row as last read.
+    config_hash: str | None = None
+    settings: ConnectionSettings | None = None
+    is_active: bool = True
+    status: str = "disconnected"
+    # Our claim: its epoch, and when (runfile.clock) the statement that last
+    # claimed or renewed it began.
+    epoch: int = 0
+    lease_from: float = -FOREVER
+    # Our child.
+    pid: int | None = None
+    running: ConnectionSettings | None = None
+    started_at: float = 0.0
+    stop_reason: str = ""
     stop_sent_at: float | None = None
     killed: bool = False
+    after_stop: After = After.RELEASE
+    # Why it is not started now: BACKOFF and HELD until ``until``; HELD and
+    # FATAL also until the settings are no longer ``held_for``.
+    until: float = 0.0
+    held_for: str | None = None
+    crashes: int = 0  # crashes in a row, each soon after starting
+    fresh: bool = False  # changed or re-activated: started whatever its retry state
+    reset_session: bool = False  # topics or client id changed: drop the broker's old session once
+    settled_epoch: int | None = None  # the last epoch whose "disconnected" was reported
+    deleted: bool = False
+    failure: str | None = None  # the last error handling its row raised (reported once)
+
+    def crash_count(self, now: float) -> int:
+        """Crashes in a row if its child crashed ``now``."""
+        return 1 if now - self.started_at >= STABLE_AFTER else self.crashes + 1
 
 
 @dataclass
-class Hold:
-    """Why a connection is not started now, and until when."""
+class Tally:
+    """What happened since the last cycle was logged."""
 
-    until: float = 0.0  # monotonic
-    fingerprint: str | None = None  # a held config problem ends when the settings change
-    crashes: int = 0
-    reported: set[str] = field(default_factory=set)
-
-
-def alive_child(pid: int) -> bool:
-    """True until our child ``pid`` has been reaped."""
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return False
-
-
-def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by signal {name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
+    started: int = 0
+    stopped: int = 0
 
 
 class Monitor:
-    def __init__(self, settings: config.Settings, database: db.Database):
+    def __init__(self, settings: config.Settings, processes: Processes, fleet: Fleet, events: EventSender,
+                 clock: Callable[[], float] = runfile.clock):
         self.settings = settings
-        self.db = database
+        self.processes = processes
+        self.fleet = fleet
+        self.events = events
+        self.clock = clock
+        self.records: dict[int, Record] = {}
         self.instance_id = settings.instance_id
-        self.context = zmq.Context(io_threads=1)
-        self.events = EventSender(self.context, settings.events_endpoint, f"monitor:{self.instance_id}",
-                                  resend_after=settings.resend_after,
-                                  curve=curve.for_client(settings.events_endpoint, settings.runtime_dir))
-        self.children: dict[int, Child] = {}  # by connection id
-        self.by_pid: dict[int, Child] = {}
-        self.holds: dict[int, Hold] = {}
-        self.settled: set[int] = set()  # inactive connections already reported disconnected
-        # Last configuration seen per connection: (its hash, its settings).
-        self.known: dict[int, tuple[str, ConnectionSettings]] = {}
-        self.fresh: set[int] = set()  # changed or re-activated: start regardless of retry state
-        self.reset_sessions: set[int] = set()  # topics changed: drop the broker's old session once
-        self.renewed_at = time.monotonic()
-        self.renew_now = True  # claim state unknown until the first renewal
-        self.attempt_slots = attempts.create()
-        # Children are forked by the zygote and adopted by us: we reap them and
-        # are their parent for PR_SET_PDEATHSIG.
-        process.become_subreaper()
-        self.zygote = Zygote()
-        self.zygote.start()
-        self.early_exits: dict[int, int] = {}
-        self.identity = db.SessionLock(settings.database_url, "instance_lock", {"me": self.instance_id},
-                                       "sitelink-monitor-lock")
-        self.identity_held = False
-        self.identity_warned = False
-        self.listener: db.Listener | None = None
+        self.member = False
+        self.waiting_for: str | None = None
+        self.outage = Outage(self.instance_id, self.clock)
+        self.tally = Tally()
         self.wake_now = True
-        self.started_since_cycle = 0
-        self.stopped_since_cycle = 0
+        self.next_cycle = 0.0
+        self.cycle_started = -FOREVER
+        self.renewed_at = -FOREVER
+        self.fence_published = 0.0
+        self.share_seen = (0, 0, 0)  # share, active, live monitors
 
-    # -- the loop: signals, reap, reconcile, wait
+    # ------------------------------------------------------------ the loop
 
     def run(self) -> int:
         signals = SignalPipe(signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        logger.info("monitor {} started (interval {:g} s)", self.instance_id, self.settings.monitor_interval)
-        next_cycle = 0.0
+        logger.info("monitor {} started (interval {:g} s, lease {:g} s, capacity {})", self.instance_id,
+                    self.settings.monitor_interval, self.settings.claim_lease,
+                    "unlimited" if self.settings.max_connections is None else self.settings.max_connections)
         try:
             while True:
-                caught = signals.drain()
-                if caught & {signal.SIGTERM, signal.SIGINT}:
+                if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
                     logger.info("monitor {} stopping on signal", self.instance_id)
                     break
                 self.reap()
-                self._listen()
-                now = time.monotonic()
-                if self.wake_now or now >= next_cycle:
+                self.listen()
+                if self.wake_now or self.clock() >= self.next_cycle:
                     self.wake_now = False
-                    if self._hold_identity():
-                        self.cycle()
-                    next_cycle = time.monotonic() + self.settings.monitor_interval
-                self._escalate_stops()
-                self._wait(signals, next_cycle)
+                    self.cycle()
+                self.enforce_leases()
+                self.escalate_stops()
+                self.wait(signals)
         finally:
-            self.stop_all()
-            if self.identity_held:
-                self._release_all()
-            self.identity.release()
-            self.attempt_slots.unlink(missing_ok=True)
-            self.events.flush(self.settings.ack_linger)
-            self.events.close()
-            self.context.term()
-            if self.listener is not None:
-                self.listener.close()
-            self.db.close()
+            self.shutdown()
             signals.close()
             logger.info("monitor {} stopped", self.instance_id)
         return 0
 
-    def _wait(self, signals: SignalPipe, next_cycle: float) -> None:
-        now = time.monotonic()
-        timeout = max(0.0, next_cycle - now)
-        holds = [h.until for cid, h in self.holds.items() if h.until > now and cid not in self.children]
-        if holds:
-            timeout = min(timeout, max(0.0, min(holds) - now) + 0.01)
-        if any(c.stop_sent_at is not None for c in self.children.values()):
+    def listen(self) -> None:
+        try:
+            if self.fleet.listen():
+                self.wake_now = True  # we may have missed notifications meanwhile
+        except db.DatabaseError as exc:
+            self._db_failed("LISTEN for changes", exc)
+
+    def wait(self, signals: SignalPipe) -> None:
+        now = self.clock()
+        timeout = max(0.0, self.next_cycle - now)
+        ends = [end for r in self.records.values()
+                if r.state in CLAIMED and (end := r.lease_from + self.settings.lease_trusted) > now]
+        if ends:
+            timeout = min(timeout, max(0.0, min(ends) - now) + 0.001)
+        if any(r.state is S.STOPPING and not r.killed for r in self.records.values()):
             timeout = min(timeout, 0.2)
         timeout = self.events.bound(timeout)
         poller = zmq.Poller()
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.events.socket, zmq.POLLIN)
-        if self.listener is not None:
-            poller.register(self.listener.fileno(), zmq.POLLIN)
+        listening = self.fleet.fileno()
+        if listening is not None:
+            poller.register(listening, zmq.POLLIN)
         ready = dict(poller.poll(timeout * 1000))
         if ready.get(self.events.socket):
             self.events.receive_acks()
-        if self.listener is not None and ready.get(self.listener.fileno()):
-            self._drain_notifications()
-        if any(h.until <= time.monotonic() and h.until > now for h in self.holds.values()):
+        if listening is not None and ready.get(listening) and self.fleet.notified():
             self.wake_now = True
 
-    def _listen(self) -> None:
-        if self.listener is not None:
-            return
-        try:
-            self.listener = db.Listener(self.settings.database_url, application_name="sitelink-monitor-listen")
-            self.wake_now = True  # we may have missed notifications meanwhile
-        except db.DatabaseError as exc:
-            logger.warning("cannot LISTEN for changes ({}); relying on the {:g} s poll",
-                           exc, self.settings.monitor_interval)
-
-    def _drain_notifications(self) -> None:
-        try:
-            if self.listener is not None and self.listener.drain():
-                self.wake_now = True
-        except db.DatabaseError as exc:
-            logger.warning("lost the LISTEN connection ({}); re-establishing it", exc)
-            if self.listener is not None:
-                self.listener.close()
-            self.listener = None
-
-    def _hold_identity(self) -> bool:
-        """Be the only monitor of this instance id on this database, or run nothing."""
-        try:
-            if self.identity.acquire():
-                if not self.identity_held:
-                    logger.info("monitor {} holds its instance lock", self.instance_id)
-                self.identity_held = True
-                return True
-            reason = f"another monitor with instance id {self.instance_id!r} runs on this database"
-        except db.DatabaseError as exc:
-            reason = f"cannot take the instance lock ({exc})"
-        if self.identity_held or not self.identity_warned:
-            logger.warning("monitor {}: {}; running nothing until it is free", self.instance_id, reason)
-            self.identity_warned = True
-        self.identity_held = False
-        for child in list(self.children.values()):
-            self._stop(child, "this monitor lost its instance lock")
-        return False
-
-    # -- one cycle
+    # ---------------------------------------------------------- the cycle
 
     def cycle(self) -> None:
-        started_at = time.monotonic()
-        try:
-            with self.db.transaction() as s:
-                rows = s.rows("monitor_connections", {"me": self.instance_id, "running": list(self.children)})
-        except db.DatabaseError as exc:
-            logger.warning("monitor {}: cannot read connections ({}); children keep running",
-                           self.instance_id, exc)
-            self._fence()
+        started = self.cycle_started = self.clock()
+        self.next_cycle = started + self.settings.monitor_interval
+        if not self._take_part():
             return
-        seen: set[int] = set()
-        to_start: list[ConnectionSettings] = []
-        for row in rows:
-            seen.add(row["id"])
+        try:
+            snapshot = self.fleet.snapshot(held=self._held_ids(), holds=len(self._counted()))
+        except MembershipLost as exc:
+            self._membership_lost(exc)
+            return
+        except db.DatabaseError as exc:
+            self._db_failed("reading the connections", exc)
+            return
+        if self.outage.ended():
+            self.fleet.listen_now()
+        seen = {row["id"] for row in snapshot.rows}
+        for cid in [cid for cid in self.records if cid not in seen]:
+            self._row_gone(self.records[cid])
+        starts: list[Record] = []
+        reports: list[Record] = []
+        for row in snapshot.rows:
+            rec = self.records.setdefault(row["id"], Record(row["id"]))
             try:
-                settings = self._reconcile(row)
+                want = self._reconcile(rec, row)
+            except IllegalTransition:
+                raise  # a bug of ours: let supervisord restart the monitor
             except Exception as exc:  # one bad row must never stop the monitor
-                logger.exception("monitor {}: connection {} could not be handled", self.instance_id, row["id"])
-                self._report_once(row["id"], f"crash:{exc}", ConnectionLog(
-                    connection_id=row["id"], level="ERROR",
-                    message=f"the monitor could not handle this connection: {type(exc).__name__}: {exc}",
-                    exception_type=type(exc).__name__))
+                self._row_failed(rec, exc)
                 continue
-            if settings is not None:
-                to_start.append(settings)
-        for cid in list(self.children):
-            if cid not in seen:
-                self._stop(self.children[cid], "the connection was deleted")
-        for table in (self.holds, self.known):
-            for cid in [cid for cid in table if cid not in seen]:
-                del table[cid]
-        self.settled &= seen
-        self.fresh &= seen
-        self.reset_sessions &= seen
-        self._claim_and_start(to_start)
-        self._renew_claims()
+            rec.failure = None
+            if want == "start":
+                starts.append(rec)
+            elif want == "report":
+                reports.append(rec)
+        done = self._renew_if_due() and self._release() and self._balance(snapshot, starts, reports)
+        self._publish_fence()
+        if done:
+            self._next_cycle_due()
         offline = self._mark_offline()
-        duration = time.monotonic() - started_at
-        logger.info("monitor {} cycle: {} running, {} started, {} stopped, offline {}, {:.0f} ms",
-                    self.instance_id, len(self.children), self.started_since_cycle,
-                    self.stopped_since_cycle, offline, duration * 1000)
-        self.events.send(MonitorCycle(instance_id=self.instance_id, running=len(self.children),
-                                      started=self.started_since_cycle, stopped=self.stopped_since_cycle,
-                                      offline=offline, duration=duration))
-        self.started_since_cycle = self.stopped_since_cycle = 0
+        self._log_cycle(started, offline)
 
-    def _reconcile(self, row: dict) -> ConnectionSettings | None:
-        """Act on one row; return its settings if a child should start for it."""
-        cid = row["id"]
-        child = self.children.get(cid)
-        settings = self._settings_for(row)
-        hold = self.holds.get(cid)
-        if hold is not None and hold.fingerprint is not None and hold.fingerprint != settings.fingerprint:
-            del self.holds[cid]  # the row changed: whatever held it may be fixed
-            hold = None
+    def _take_part(self) -> bool:
+        """Be the one live monitor of this instance id (on this host and in the fleet)."""
+        if self.member:
+            return True
+        if not self.processes.acquire_instance():
+            self._waiting(f"another monitor with instance id {self.instance_id!r} runs on this host, "
+                          f"or its processes have not all exited yet")
+            self.next_cycle = self.cycle_started + min(0.5, self.settings.monitor_interval)
+            return False
+        try:
+            occupied = self.fleet.join(self.processes.lock_key)
+        except db.DatabaseError as exc:
+            self._db_failed("joining the fleet", exc)
+            return False
+        self.outage.ended()
+        if occupied is not None:
+            self._waiting(f"another monitor with instance id {self.instance_id!r} runs on host "
+                          f"{occupied.host} (pid {occupied.pid}, heartbeat {occupied.silent_for:.1f} s ago)")
+            return False
+        if self.waiting_for is not None:
+            logger.info("monitor {}: the other monitor with this instance id is gone", self.instance_id)
+        self.waiting_for = None
+        self.member = True
+        logger.info("monitor {} joined the fleet", self.instance_id)
+        return True
+
+    def _waiting(self, why: str) -> None:
+        if why != self.waiting_for:
+            logger.warning("monitor {}: {}; running nothing until it is gone", self.instance_id, why)
+            self.waiting_for = why
+
+    def _membership_lost(self, exc: Exception) -> None:
+        logger.error("monitor {}: {}; stopping every connection", self.instance_id, exc)
+        self.member = False
+        for rec in list(self.records.values()):
+            self._claim_lost(rec, "another monitor took over this monitor's instance id")
+
+    # -- 3b. one row
+
+    def _reconcile(self, rec: Record, row: dict) -> str | None:
+        """Act on one row; return "start" or "report" if it needs a claim of ours for that."""
+        now = self.clock()
+        settings = self._settings_for(rec, row)
+        rec.is_active, rec.status = row["is_active"], row["status"]
+        if rec.state in CLAIMED and row["claim"] != "mine":
+            holder = row["claimed_by"] if row["claim"] == "taken" else None
+            self._claim_lost(rec, f"monitor {holder} holds it now" if holder else "its claim expired")
         if not row["is_active"]:
-            if child is not None:
-                self._stop(child, "is_active is false")
-            elif row["status"] != "disconnected" and cid not in self.settled:
-                self.events.send(StatusChange(connection_id=cid, status="disconnected", message="",
-                                              broker_host=row["broker_host"]))
-            self.settled.add(cid)
-            self.holds.pop(cid, None)
-            self.fresh.add(cid)  # is_active off and on again: start at once
+            return self._inactive(rec, row)
+        if rec.state is S.RUNNING:
+            assert rec.running is not None
+            if rec.running.fingerprint != settings.fingerprint:
+                self._stop(rec, "its broker settings changed", After.RESTART)
             return None
-        self.settled.discard(cid)
-        if not row["is_claimable"]:
-            if child is not None:
-                self._stop(child, f"monitor {row['claimed_by']} holds this connection now")
+        if rec.state in (S.HELD, S.FATAL) and rec.held_for != settings.fingerprint:
+            # HELD -> BACKOFF, FATAL -> BACKOFF: the row changed, whatever held it may be fixed
+            self.change_state(rec, S.BACKOFF, until=now)
+        elif rec.state is S.HELD and rec.until <= now:
+            # HELD -> BACKOFF: the cool-down is over
+            self.change_state(rec, S.BACKOFF, until=now)
+        if rec.state is S.BACKOFF:
+            return "start" if rec.until <= now else None  # our own delay, by our own clock
+        if rec.state is not S.IDLE or row["claim"] == "taken":
             return None
-        if child is not None:
-            if child.settings.fingerprint != settings.fingerprint and child.stop_reason is None:
-                self._stop(child, "its broker settings changed", restart=True)
-            return None
-        if hold is not None and hold.until > time.monotonic():
-            return None
-        if not row["is_due"] and cid not in self.fresh:
-            return None
-        problems = settings.problems()
-        if problems:
-            self._hold_unusable(settings, "cannot start: " + "; ".join(problems))
-            return None
-        return settings
+        if row["is_due"] or rec.fresh:
+            return "start"
+        # Its previous child's retry time (mqtt_next_retry) has not come, by
+        # PostgreSQL's clock: look again then.
+        self.next_cycle = min(self.next_cycle, now + row["due_in"] + 0.01)
+        return None
 
-    def _hold_unusable(self, settings: ConnectionSettings, message: str) -> None:
-        """Status error with the reason, once; no start until the row changes."""
-        cid = settings.connection_id
-        self.holds[cid] = Hold(until=float("inf"), fingerprint=settings.fingerprint)
-        self._report_once(cid, message, StatusChange(connection_id=cid, status="error", message=message,
-                                                     broker_host=settings.broker_host))
+    def _inactive(self, rec: Record, row: dict) -> str | None:
+        rec.fresh = True  # is_active off and on again: start at once
+        if rec.state is S.RUNNING:
+            self._stop(rec, "is_active is false", After.RELEASE)
+        elif rec.state is S.STOPPING:
+            rec.after_stop = max(rec.after_stop, After.RELEASE)
+        elif rec.state in (S.BACKOFF, S.HELD, S.FATAL):
+            self._settle(rec)
+            # BACKOFF/HELD/FATAL -> RELEASING: nothing to run
+            self.change_state(rec, S.RELEASING)
+        elif rec.state is S.RELEASING:
+            self._settle(rec)
+        elif (rec.state is S.IDLE and row["status"] != "disconnected" and row["claim"] == "free"
+              and rec.settled_epoch != row["claim_epoch"]):
+            return "report"  # nobody runs it and its status still says otherwise
+        return None
 
-    def _settings_for(self, row: dict) -> ConnectionSettings:
+    def _settle(self, rec: Record) -> None:
+        """Report an inactive connection without a child disconnected, once per epoch."""
+        if rec.status != "disconnected" and rec.settled_epoch != rec.epoch:
+            self._report(rec, "disconnected", "")
+
+    def _settings_for(self, rec: Record, row: dict) -> ConnectionSettings:
         """The row's settings, rebuilt only when its configuration changed.
 
         Every cycle reads every row; PostgreSQL hashes each row's
         configuration so that an unchanged row costs a comparison, not
         an object and a digest (10,000 rows in a few ms).
         """
-        cid = row["id"]
-        known = self.known.get(cid)
-        if known is not None and known[0] == row["config_hash"]:
-            return known[1]
-        settings = ConnectionSettings.from_mapping(row, monitor_pid=os.getpid(),
-                                                   attempt_slots=str(self.attempt_slots))
-        self.known[cid] = (row["config_hash"], settings)
-        if known is not None and known[1].fingerprint != settings.fingerprint:
-            self._note_changes(cid, known[1], settings)
+        if rec.settings is not None and rec.config_hash == row["config_hash"]:
+            return rec.settings
+        settings = ConnectionSettings.from_mapping(row)
+        before = rec.settings
+        rec.config_hash, rec.settings = row["config_hash"], settings
+        if before is not None and before.fingerprint != settings.fingerprint:
+            fields = settings.changed_fields(before)
+            rec.fresh = True  # a changed row connects at once, whatever its retry state
+            if "topics" in fields or "client_id" in fields:
+                rec.reset_session = True
+            if rec.state in CLAIMED:  # logged by the monitor that runs it, not by the whole fleet
+                self.events.send(ConnectionLog(connection_id=rec.connection_id, level="INFO",
+                                               message=f"settings changed: {', '.join(fields)}",
+                                               broker_host=settings.broker_host))
         return settings
 
-    def _note_changes(self, cid: int, before: ConnectionSettings, settings: ConnectionSettings) -> None:
-        """Log which settings of a connection changed (names only, never values)."""
-        fields = settings.changed_fields(before)
-        self.fresh.add(cid)  # a changed row connects at once, whatever its retry state
-        if "topics" in fields or "client_id" in fields:
-            self.reset_sessions.add(cid)
-        self.events.send(ConnectionLog(connection_id=cid, level="INFO",
-                                       message=f"settings changed: {', '.join(fields)}",
-                                       broker_host=settings.broker_host))
-
-    # -- claims: never two clients for one site, even with two monitors
-
-    def _claim_and_start(self, to_start: list[ConnectionSettings]) -> None:
-        if not to_start:
+    def _row_gone(self, rec: Record) -> None:
+        rec.deleted = True
+        if rec.state in WITH_CHILD:
+            self._stop(rec, "the connection was deleted", After.DROP)
             return
+        if rec.state is not S.IDLE:
+            # BACKOFF/HELD/FATAL/RELEASING -> IDLE: there is no row to hold
+            self.change_state(rec, S.IDLE)
+        del self.records[rec.connection_id]
+
+    def _row_failed(self, rec: Record, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text != rec.failure:
+            logger.opt(exception=exc).error("monitor {}: connection {} could not be handled",
+                                            self.instance_id, rec.connection_id)
+            rec.failure = text
+            self.events.send(ConnectionLog(connection_id=rec.connection_id, level="ERROR",
+                                           message=f"the monitor could not handle this connection: {text}",
+                                           exception_type=type(exc).__name__))
+
+    # -- 3c. claims kept and released
+
+    def _renew_if_due(self) -> bool:
+        """Renew our claims every quarter lease; False if the database failed."""
+        now = self.clock()
+        if now < self.renewed_at + self.settings.renew_every:
+            return True
+        held = [r for r in self.records.values()
+                if r.state in CLAIMED and not (r.state is S.STOPPING and r.after_stop is After.DROP)]
         try:
-            with self.db.transaction() as s:
-                won = {r["id"] for r in s.rows("claim_connections", {
-                    "me": self.instance_id, "lease": self.settings.claim_lease,
-                    "ids": [c.connection_id for c in to_start]})}
+            renewed = self.fleet.renew([r.connection_id for r in held])
         except db.DatabaseError as exc:
-            logger.warning("monitor {}: cannot claim connections ({}); trying next cycle", self.instance_id, exc)
-            return
-        for settings in to_start:
-            if settings.connection_id in won:
-                cid = settings.connection_id
-                self.fresh.discard(cid)
-                if cid in self.reset_sessions:
-                    self.reset_sessions.discard(cid)
-                    settings = dataclasses.replace(settings, reset_session=True)
-                self._spawn(settings)
+            self._db_failed("renewing claims", exc)
+            return False
+        self.renewed_at = now
+        for rec in held:
+            if rec.connection_id in renewed:
+                rec.lease_from = now  # measured from before the statement began
             else:
-                logger.info("connection {} is held by another monitor; not starting it", settings.connection_id)
+                self._claim_lost(rec, "its claim expired before it could be renewed")
+        return True
 
-    def _claimed(self) -> set[int]:
-        """Connections this monitor keeps: running, or waiting to be restarted by it."""
-        now = time.monotonic()
-        return set(self.children) | {cid for cid, h in self.holds.items() if h.until > now}
-
-    def _renew_claims(self) -> None:
-        # Renewing rewrites every claimed row: once a third of the lease has
-        # passed is often enough, whatever wakes the cycles (NOTIFY) meanwhile.
-        if time.monotonic() - self.renewed_at < self.settings.claim_lease / 3 and not self.renew_now:
-            return
-        self.renew_now = False
-        keep = self._claimed()
+    def _release(self) -> bool:
+        """Release what is to go (once an inactive row's status says so); False if the database failed."""
+        ready = [r for r in self.records.values() if r.state is S.RELEASING
+                 and (r.is_active or r.status == "disconnected" or r.deleted)]
+        if not ready:
+            return True
         try:
-            with self.db.transaction() as s:
-                renewed = {r["id"] for r in s.rows("renew_claims", {
-                    "me": self.instance_id, "lease": self.settings.claim_lease, "ids": list(keep)})}
-                s.run("release_claims", {"me": self.instance_id, "keep": list(keep)})
+            self.fleet.release([r.connection_id for r in ready])
         except db.DatabaseError as exc:
-            logger.warning("monitor {}: cannot renew claims ({})", self.instance_id, exc)
-            self._fence()
-            return
-        self.renewed_at = time.monotonic()
-        for cid in set(self.children) - renewed:
-            self._stop(self.children[cid], "this monitor's claim on it was lost")
+            self._db_failed("releasing claims", exc)
+            return False
+        for rec in ready:
+            # RELEASING -> IDLE
+            self.change_state(rec, S.IDLE)
+            if rec.is_active:
+                self.wake_now = True  # active again meanwhile: another cycle may take it at once
+        return True
 
-    def _fence(self) -> None:
-        """Past our lease another monitor may start our connections: stop ours first."""
-        if self.children and time.monotonic() - self.renewed_at > self.settings.claim_lease:
-            for child in list(self.children.values()):
-                self._stop(child, f"claims not renewed for {self.settings.claim_lease:g} s "
-                                  f"(database unreachable); another monitor may take over")
+    # -- 3d. the share: hand over, claim, start
 
-    def _release_all(self) -> None:
+    def _counted(self) -> list[Record]:
+        """Records that count against this monitor's share: active connections it keeps."""
+        return [r for r in self.records.values()
+                if r.state in (S.RUNNING, S.BACKOFF, S.HELD, S.FATAL)
+                or (r.state is S.STOPPING and r.after_stop is After.RESTART)]
+
+    def _held_ids(self) -> list[int]:
+        return [cid for cid, r in self.records.items() if r.state is not S.IDLE]
+
+    def _balance(self, snapshot: Snapshot, starts: list[Record], reports: list[Record]) -> bool:
+        """Hand over what exceeds our share, claim up to it; False if the database failed."""
+        target = share(snapshot.active, snapshot.capacities, self.settings.max_connections)
+        self.share_seen = (target, snapshot.active, len(snapshot.capacities))
+        counted = self._counted()
+        if len(counted) > target + SLACK:
+            why = (f"handing it over to balance the fleet: this monitor's share is {target} of "
+                   f"{snapshot.active} active connections ({len(snapshot.capacities)} monitors)")
+            for rec in sorted(counted, key=lambda r: r.connection_id, reverse=True)[:len(counted) - target]:
+                self._hand_over(rec, why)
+        own = [r for r in starts if r.state is S.BACKOFF]
+        new = [r for r in starts if r.state is S.IDLE]
+        room = max(0, target - len(self._counted()))
+        claimed_at = self.clock()
         try:
-            with self.db.transaction() as s:
-                s.run("release_claims", {"me": self.instance_id, "keep": []})
+            won = self.fleet.claim([r.connection_id for r in own + reports], len(own) + len(reports))
+            won |= self.fleet.claim([r.connection_id for r in new], min(room, CLAIM_BATCH))
         except db.DatabaseError as exc:
-            logger.warning("monitor {}: could not release its claims ({}); they expire in {:g} s",
-                           self.instance_id, exc, self.settings.claim_lease)
+            self._db_failed("claiming connections", exc)
+            return False
+        wanted = min(room, len(new))
+        if wanted > CLAIM_BATCH:
+            self.wake_now = True  # more to take than one batch: another cycle at once
+        elif (sum(1 for r in new if r.connection_id in won) < wanted
+              or any(r.connection_id not in won for r in own)):
+            # Rows locked at that moment (a status being written, another monitor's
+            # claim) were skipped: look again soon rather than at the next poll. Our
+            # own stay ours meanwhile (the snapshot said so); the next one tells.
+            self.next_cycle = min(self.next_cycle, self.clock() + CLAIM_RETRY)
+        for rec in own + new:
+            if rec.connection_id in won:
+                self._start(rec, won[rec.connection_id], claimed_at)
+        for rec in reports:
+            if rec.connection_id in won:
+                # IDLE -> RELEASING: claimed to say that nobody runs it
+                self.change_state(rec, S.RELEASING, epoch=won[rec.connection_id], lease_from=claimed_at)
+                self._settle(rec)
+        return True
 
-    def _report_once(self, cid: int, key: str, event: protocol.Event) -> None:
-        hold = self.holds.setdefault(cid, Hold())
-        if key not in hold.reported:
-            hold.reported.add(key)
-            self.events.send(event)
+    def _hand_over(self, rec: Record, why: str) -> None:
+        if rec.state is S.RUNNING:
+            self._stop(rec, why, After.RELEASE)  # released once its child has exited
+        elif rec.state is S.STOPPING:
+            rec.after_stop = max(rec.after_stop, After.RELEASE)
+        else:
+            # BACKOFF/HELD/FATAL -> RELEASING
+            self.change_state(rec, S.RELEASING)
 
-    # -- children
-
-    def _spawn(self, settings: ConnectionSettings) -> None:
-        cid = settings.connection_id
+    def _start(self, rec: Record, epoch: int, claimed_at: float) -> None:
+        """Start a child for a connection just claimed under ``epoch``."""
+        assert rec.settings is not None
+        problems = rec.settings.problems()
+        if problems:
+            # IDLE -> HELD, BACKOFF -> HELD: a row we cannot start, reported under our claim
+            self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint,
+                              epoch=epoch, lease_from=claimed_at)
+            self._report(rec, "error", "cannot start: " + "; ".join(problems))
+            return
+        # IDLE -> STARTING, BACKOFF -> STARTING
+        self.change_state(rec, S.STARTING, epoch=epoch, lease_from=claimed_at)
+        self._publish_fence()  # the child must find a fence that covers it
+        settings = dataclasses.replace(rec.settings, epoch=epoch, reset_session=rec.reset_session)
         try:
-            pid = self.zygote.spawn(settings)
+            pid = self.processes.spawn(settings)
         except SpawnRefused as exc:  # these settings' fault, not the zygote's: it keeps serving
-            self._hold_unusable(settings, f"cannot start: {exc}")
+            # STARTING -> HELD: reported under our claim, until the row changes
+            self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint)
+            self._report(rec, "error", f"cannot start: {exc}")
             return
-        except (OSError, ChildProcessError) as exc:
-            logger.warning("the zygote failed ({}); starting a new one", exc)
-            self.zygote.discard()
-            try:
-                pid = self.zygote.spawn(settings)
-            except (OSError, ChildProcessError, SpawnRefused) as again:
-                logger.error("cannot start a child for connection {}: {}", cid, again)
-                self.zygote.discard()
-                self.events.send(ConnectionLog(connection_id=cid, level="ERROR",
-                                               message=f"cannot start a child process: {again}",
-                                               exception_type=type(again).__name__))
-                self._hold_after_crash(cid, started_at=time.monotonic())
-                return
-        child = Child(connection_id=cid, pid=pid, settings=settings, started_at=time.monotonic())
-        self.children[cid] = child
-        self.by_pid[pid] = child
-        self.started_since_cycle += 1
-        logger.info("started connection {} (pid {})", cid, pid)
-        status = self.early_exits.pop(pid, None)
-        if status is not None:  # it exited before we knew its PID
-            del self.children[cid]
-            del self.by_pid[pid]
-            self._exited(child, status)
-
-    def _stop(self, child: Child, reason: str, restart: bool = False) -> None:
-        if child.stop_sent_at is not None:
+        except SpawnError as exc:
+            logger.error("cannot start a child for connection {}: {}", rec.connection_id, exc)
+            self.events.send(ConnectionLog(connection_id=rec.connection_id, level="ERROR",
+                                           message=f"cannot start a child process: {exc}",
+                                           exception_type=type(exc.__cause__ or exc).__name__))
+            # STARTING -> BACKOFF
+            self.change_state(rec, S.BACKOFF, until=self.clock() + backoff.delay(
+                rec.crashes + 1, self.settings.restart_base, self.settings.restart_cap))
             return
-        logger.info("stopping connection {} (pid {}): {}", child.connection_id, child.pid, reason)
-        child.stop_reason = reason
-        child.stop_sent_at = time.monotonic()
-        self.events.send(ConnectionLog(connection_id=child.connection_id, level="INFO",
-                                       message=f"stopping: {reason}"))
-        self._signal(child, signal.SIGTERM)
-        if restart:
-            self.holds.pop(child.connection_id, None)
+        # STARTING -> RUNNING
+        self.change_state(rec, S.RUNNING, pid=pid, running=settings, reset_session=False)
+        logger.info("started connection {} (pid {}, epoch {})", rec.connection_id, pid, epoch)
 
-    def _signal(self, child: Child, sig: int) -> None:
+    def _publish_fence(self) -> None:
+        """Tell the children until when our claims on them hold (they stop by themselves after)."""
+        ends = [r.lease_from + self.settings.lease_trusted for r in self.records.values()
+                if r.state in (S.STARTING, S.RUNNING)
+                or (r.state is S.STOPPING and r.after_stop is not After.DROP)]
+        if ends and min(ends) > self.fence_published:
+            self.fence_published = min(ends)
+            self.processes.publish_fence(self.fence_published)
+
+    def _next_cycle_due(self) -> None:
+        renewal = self.renewed_at + self.settings.renew_every
+        if renewal > self.clock():
+            self.next_cycle = min(self.next_cycle, renewal)
+
+    # -- 3e. devices, and the cycle's log
+
+    def _mark_offline(self) -> dict[str, int]:
         try:
-            os.kill(child.pid, sig)
-        except ProcessLookupError:
-            pass
+            found = self.fleet.mark_offline()
+        except db.DatabaseError as exc:
+            self._db_failed("marking devices offline", exc)
+            return {}
+        for kind, rows in found.items():
+            for r in rows:
+                self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],
+                                              name=r["name"], online=False))
+        return {kind: len(rows) for kind, rows in found.items()}
 
-    def _escalate_stops(self) -> None:
-        now = time.monotonic()
-        for child in self.children.values():
-            if (child.stop_sent_at is not None and not child.killed
-                    and now - child.stop_sent_at > self.settings.stop_grace):
+    def _log_cycle(self, started: float, offline: dict[str, int]) -> None:
+        duration = self.clock() - started
+        running = sum(1 for r in self.records.values() if r.state in WITH_CHILD)
+        target, active, live = self.share_seen
+        logger.info("monitor {} cycle: {} running, {} started, {} stopped, share {} of {} active "
+                    "({} monitors), offline {}, {:.0f} ms", self.instance_id, running, self.tally.started,
+                    self.tally.stopped, target, active, live, offline, duration * 1000)
+        self.events.send(MonitorCycle(instance_id=self.instance_id, running=running, started=self.tally.started,
+                                      stopped=self.tally.stopped, offline=offline, duration=duration))
+        self.tally = Tally()
+
+    # ------------------------------------------------ states and children
+
+    def change_state(self, rec: Record, new: ConnState, **facts) -> None:
+        """The one place a connection's state changes; counters change only here."""
+        old = rec.state
+        if new not in TRANSITIONS[old]:
+            raise IllegalTransition(f"connection {rec.connection_id}: {old.name} -> {new.name}")
+        now = self.clock()
+        if old is S.RUNNING and new in (S.BACKOFF, S.FATAL):
+            rec.crashes = rec.crash_count(now)
+        elif old is S.STARTING and new is S.BACKOFF:
+            rec.crashes += 1  # it could not even be started
+        elif new is S.RELEASING or (old in (S.HELD, S.FATAL) and new is S.BACKOFF):
+            rec.crashes = 0
+        if old is S.STARTING and new is S.RUNNING:
+            self.tally.started += 1
+            rec.started_at = now
+            rec.fresh = False
+        if old is S.STOPPING:
+            self.tally.stopped += 1
+            rec.stop_sent_at = None
+        if new not in WITH_CHILD:
+            rec.pid = rec.running = None
+        if new is S.IDLE:
+            rec.lease_from = -FOREVER
+        for name, value in facts.items():
+            setattr(rec, name, value)
+        rec.state = new
+        if new in (S.BACKOFF, S.HELD) and now < rec.until < self.next_cycle:
+            self.next_cycle = rec.until  # the cycle that starts it again
+        logger.debug("connection {}: {} -> {}", rec.connection_id, old.name, new.name)
+
+    def _report(self, rec: Record, status: str, message: str, **extra) -> None:
+        """A status this monitor issues itself, ranked after everything the child of this epoch sent."""
+        self.events.send(StatusChange(connection_id=rec.connection_id, status=status, message=message,
+                                      broker_host=rec.settings.broker_host if rec.settings else "",
+                                      epoch=rec.epoch, final=True, **extra))
+        if status == "disconnected":
+            rec.settled_epoch = rec.epoch
+
+    def _stop(self, rec: Record, reason: str, after: After) -> None:
+        if rec.state is S.STOPPING:
+            rec.after_stop = max(rec.after_stop, after)
+            return
+        assert rec.pid is not None
+        logger.info("stopping connection {} (pid {}): {}", rec.connection_id, rec.pid, reason)
+        self.events.send(ConnectionLog(connection_id=rec.connection_id, level="INFO", message=f"stopping: {reason}"))
+        self.processes.signal(rec.pid, signal.SIGTERM)
+        # RUNNING -> STOPPING
+        self.change_state(rec, S.STOPPING, stop_reason=reason, stop_sent_at=self.clock(), killed=False,
+                          after_stop=after)
+
+    def _claim_lost(self, rec: Record, reason: str) -> None:
+        if rec.state is S.RUNNING:
+            self._stop(rec, f"this monitor's claim on it was lost ({reason})", After.DROP)
+        elif rec.state is S.STOPPING:
+            rec.after_stop = After.DROP
+        elif rec.state in CLAIMED:
+            # BACKOFF/HELD/FATAL/RELEASING -> IDLE: not ours to hold any more
+            self.change_state(rec, S.IDLE)
+
+    def enforce_leases(self) -> None:
+        """Past three quarters of the lease since the last renewal began, another monitor may
+        soon take over: stop first, whether or not PostgreSQL can be reached."""
+        now = self.clock()
+        for rec in list(self.records.values()):
+            if rec.state in CLAIMED and rec.lease_from + self.settings.lease_trusted <= now:
+                self._claim_lost(rec, f"not renewed for {self.settings.lease_trusted:g} s, PostgreSQL "
+                                      f"unreachable; another monitor may take it over")
+
+    def escalate_stops(self) -> None:
+        now = self.clock()
+        for rec in self.records.values():
+            if (rec.state is S.STOPPING and not rec.killed and rec.stop_sent_at is not None
+                    and now - rec.stop_sent_at > self.settings.stop_grace):
                 logger.warning("connection {} (pid {}) did not stop within {:g} s; killing it",
-                               child.connection_id, child.pid, self.settings.stop_grace)
-                self._signal(child, signal.SIGKILL)
-                child.killed = True
+                               rec.connection_id, rec.pid, self.settings.stop_grace)
+                assert rec.pid is not None
+                self.processes.signal(rec.pid, signal.SIGKILL)
+                rec.killed = True
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid == self.zygote.pid:
-                logger.warning("the zygote (pid {}) exited ({}); a new one starts with the next child",
-                               pid, describe_exit(status))
-                self.zygote.close()
-                continue
-            child = self.by_pid.pop(pid, None)
-            if child is None:
-                # A child can exit before the zygote has told us its PID.
-                self.early_exits[pid] = status
-                while len(self.early_exits) > 1000:
-                    self.early_exits.pop(next(iter(self.early_exits)))
-                continue
-            del self.children[child.connection_id]
-            self._exited(child, status)
+        for ex in self.processes.reap():
+            rec = self.records.get(ex.connection_id)
+            if rec is not None and rec.pid == ex.pid:
+                self._exited(rec, ex)
 
-    def _exited(self, child: Child, status: int) -> None:
-        cid = child.connection_id
-        how = describe_exit(status)
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if child.stop_reason is not None:
-            self.stopped_since_cycle += 1
-            logger.info("connection {} (pid {}) stopped ({}; {})", cid, child.pid, child.stop_reason, how)
-            self.wake_now = True  # a changed connection starts again at once
+    def _exited(self, rec: Record, ex: Exit) -> None:
+        cid, now = rec.connection_id, self.clock()
+        if rec.state is S.STOPPING:
+            logger.info("connection {} (pid {}) stopped ({}; {})", cid, ex.pid, rec.stop_reason, ex.description)
+            if ex.code in (exitcodes.OK, exitcodes.FENCED):
+                rec.settled_epoch = rec.epoch  # it reported its last status itself
+            self.wake_now = True  # a changed connection starts again at once; a released one is released
+            if rec.after_stop is After.RESTART:
+                # STOPPING -> BACKOFF: started again at once, with the new settings
+                self.change_state(rec, S.BACKOFF, until=now)
+            elif rec.after_stop is After.RELEASE:
+                # STOPPING -> RELEASING
+                self.change_state(rec, S.RELEASING)
+            else:
+                # STOPPING -> IDLE: the claim is not ours any more
+                self.change_state(rec, S.IDLE)
+            if rec.deleted:
+                del self.records[cid]
             return
-        if code == exitcodes.GAVE_UP:
-            logger.info("connection {} gave up; waiting out the {:g} s cool-down", cid,
-                        self.settings.retry_cooldown)
-            self.holds[cid] = Hold(until=time.monotonic() + self.settings.retry_cooldown,
-                                   fingerprint=child.settings.fingerprint)
+        assert rec.running is not None
+        fingerprint = rec.running.fingerprint
+        if ex.code == exitcodes.FENCED:
+            logger.warning("connection {} (pid {}) stopped itself: this monitor's lease on it could no "
+                           "longer be trusted", cid, ex.pid)
+            # RUNNING -> IDLE: claimed again if it may be
+            self.change_state(rec, S.IDLE)
+            self.wake_now = True
             return
-        if code == exitcodes.CONFIG:
-            # The child reported why; it stays stopped until the row changes.
-            self.holds[cid] = Hold(until=float("inf"), fingerprint=child.settings.fingerprint)
+        if ex.code == exitcodes.GAVE_UP:
+            logger.info("connection {} gave up; waiting out the {:g} s cool-down", cid, self.settings.retry_cooldown)
+            # RUNNING -> HELD: the cool-down, unless the row changes
+            self.change_state(rec, S.HELD, until=now + self.settings.retry_cooldown, held_for=fingerprint)
+            return
+        if ex.code == exitcodes.CONFIG:
+            # RUNNING -> HELD: the child reported why; until the row changes
+            self.change_state(rec, S.HELD, until=FOREVER, held_for=fingerprint)
             self.events.send(ConnectionLog(connection_id=cid, level="ERROR",
                                            message="the connection's settings are unusable; "
                                                    "it starts again once its row changes"))
             return
-        wait = self._hold_after_crash(cid, child.started_at, child.settings.fingerprint)
-        crashes = self.holds[cid].crashes
+        crashes = rec.crash_count(now)
         if crashes > self.settings.crash_limit:
-            self.holds[cid].until = float("inf")
             message = (f"the connection's process crashed {crashes} times in a row soon after starting "
-                       f"(last: {how}); left stopped until its row changes or is_active is switched "
-                       f"off and on")
-            logger.error("connection {} (pid {}): {}", cid, child.pid, message)
-            self.events.send(StatusChange(connection_id=cid, status="error", message=message))
+                       f"(last: {ex.description}); left stopped until its row changes or is_active is "
+                       f"switched off and on")
+            logger.error("connection {} (pid {}): {}", cid, ex.pid, message)
+            # RUNNING -> FATAL
+            self.change_state(rec, S.FATAL, held_for=fingerprint)
+            self._report(rec, "error", message)
             return
-        message = f"the connection's process crashed ({how}); restarting it in {wait:.1f} s"
-        logger.warning("connection {} (pid {}): {}", cid, child.pid, message)
-        self.events.send(StatusChange(connection_id=cid, status="error", message=message,
-                                      next_retry_at=time.time() + wait))
+        wait = backoff.delay(crashes, self.settings.restart_base, self.settings.restart_cap)
+        message = f"the connection's process crashed ({ex.description}); restarting it in {wait:.1f} s"
+        logger.warning("connection {} (pid {}): {}", cid, ex.pid, message)
+        # RUNNING -> BACKOFF
+        self.change_state(rec, S.BACKOFF, until=now + wait)
+        self._report(rec, "error", message, next_retry_at=time.time() + wait)
 
-    def _hold_after_crash(self, cid: int, started_at: float, fingerprint: str | None = None) -> float:
-        hold = self.holds.get(cid) or Hold()
-        ran = time.monotonic() - started_at
-        hold.crashes = 1 if ran >= STABLE_AFTER else hold.crashes + 1
-        wait = backoff.delay(hold.crashes, self.settings.restart_base, self.settings.restart_cap)
-        hold.until = time.monotonic() + wait
-        hold.fingerprint = fingerprint
-        self.holds[cid] = hold
-        return wait
+    def shutdown(self) -> None:
+        """SIGTERM every child, reap while waiting up to the grace period, SIGKILL, reap;
+        then release every claim, so that the other monitors take over at once."""
+        for rec in list(self.records.values()):
+            if rec.state in WITH_CHILD:
+                self._stop(rec, "the monitor is stopping", After.RELEASE)
+        self._reap_while_children(self.settings.stop_grace)
+        for rec in self.records.values():
+            if rec.state in WITH_CHILD and rec.pid is not None:
+                self.processes.signal(rec.pid, signal.SIGKILL)
+        self._reap_while_children(5.0)
+        self.processes.close()
+        if self.member:
+            try:
+                self.fleet.leave()
+            except db.DatabaseError as exc:
+                logger.warning("monitor {}: could not release its claims ({}); they expire in {:g} s",
+                               self.instance_id, exc, self.settings.claim_lease)
+        self.fleet.close()
 
-    def stop_all(self) -> None:
-        """SIGTERM every child, reap while waiting up to the grace period, SIGKILL, reap."""
-        for child in self.children.values():
-            self._stop(child, "the monitor is stopping")
-        deadline = time.monotonic() + self.settings.stop_grace
-        while self.children and time.monotonic() < deadline:
+    def _reap_while_children(self, seconds: float) -> None:
+        deadline = self.clock() + seconds
+        while any(r.state in WITH_CHILD for r in self.records.values()) and self.clock() < deadline:
             self.reap()
-            time.sleep(0.02)
-        for child in self.children.values():
-            self._signal(child, signal.SIGKILL)
-        zygote = self.zygote.pid
-        self.zygote.close()  # it exits when its control socket closes
-        deadline = time.monotonic() + 5
-        while (self.children or (zygote and alive_child(zygote))) and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.02)
+            self.processes.pause(0.02)
 
-    # -- devices
+    # -------------------------------------------------------- the database
 
-    def _mark_offline(self) -> dict[str, int]:
-        counts = {kind: 0 for kind in DEVICE_KINDS}
-        after = {"gateway": self.settings.gateway_offline_after,
-                 "datalogger": self.settings.datalogger_offline_after,
-                 "sensor": self.settings.sensor_offline_after}
-        try:
-            with self.db.transaction() as s:
-                found = {kind: s.rows(f"mark_offline_{kind}s", {"after": after[kind]}) for kind in DEVICE_KINDS}
-        except db.DatabaseError as exc:
-            logger.warning("monitor {}: cannot mark devices offline ({})", self.instance_id, exc)
-            return counts
-        for kind, rows in found.items():
-            counts[kind] = len(rows)
-            for r in rows:
-                self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],
-                                              name=r["name"], online=False))
-        return counts
+    def _db_failed(self, doing: str, exc: db.DatabaseError) -> None:
+        """Every failed database call: logged by the outage, or as itself; the next cycle comes soon."""
+        if isinstance(exc, db.DatabaseUnavailable):
+            self.outage.failed(doing, exc, self._outlook())
+        else:
+            logger.warning("monitor {}: {} failed ({})", self.instance_id, doing, exc)
+        retry = min(self.settings.monitor_interval, max(1.0, self.settings.db_bound))
+        self.next_cycle = min(self.next_cycle, self.clock() + retry)
+
+    def _outlook(self) -> str:
+        ends = [r.lease_from + self.settings.lease_trusted for r in self.records.values()
+                if r.state in WITH_CHILD]
+        if not ends:
+            return "no connection running here"
+        left = max(0.0, min(ends) - self.clock())
+        return (f"{len(ends)} connections keep running while their lease holds ({left:.1f} s more "
+                f"without a renewal)")
 
 
 def main() -> int:
@@ -583,11 +752,25 @@ def main() -> int:
     process.raise_fd_limit()
     logs.setup("monitor", settings.log_level)
     try:
-        database = db.wait_until_ready(settings.database_url, "sitelink-monitor")
+        db.wait_until_ready(settings.database_url, "sitelink-monitor", settings.db_bound).close()
     except db.SchemaBehind as exc:
         logger.error("{}", exc)
         return exitcodes.CONFIG
-    return Monitor(settings, database).run()
+    try:
+        keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)
+        processes = Processes(settings)
+    except (OSError, ValueError) as exc:  # a runtime directory of another user, open to others...
+        logger.error("cannot start: {}", exc)
+        return exitcodes.CONFIG
+    context = zmq.Context(io_threads=1)
+    events = EventSender(context, settings.events_endpoint, f"monitor:{settings.instance_id}",
+                         resend_after=settings.resend_after, curve=keys)
+    try:
+        return Monitor(settings, processes, Fleet(settings), events).run()
+    finally:
+        events.flush(settings.ack_linger)
+        events.close()
+        context.term()
 
 
 if __name__ == "__main__":

@@ -176,8 +176,11 @@ if __name__ == "__main__":
 class Zygote:
     """The monitor's handle on its zygote process."""
 
-    def __init__(self, request_timeout: float = 30.0):
+    def __init__(self, request_timeout: float = 30.0, inherit: tuple[int, ...] = ()):
         self.request_timeout = request_timeout
+        # Descriptors every child must hold (shared/runfile.py): the zygote
+        # keeps them open and its children inherit them with the fork.
+        self.inherit = inherit
         self.proc: subprocess.Popen | None = None
         self.control: socket.socket | None = None
 
@@ -195,7 +198,7 @@ class Zygote:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.zygote", "--fd", str(theirs.fileno()),
                  "--monitor-pid", str(os.getpid())],
-                pass_fds=[theirs.fileno()], cwd=PROJECT_ROOT, env=without_secrets())
+                pass_fds=[theirs.fileno(), *self.inherit], cwd=PROJECT_ROOT, env=without_secrets())
         finally:
             theirs.close()
         # Room for the largest settings (the kernel caps it at net.core.wmem_max x 2).

@@ -98,6 +98,15 @@ def _broker_acks(value: str) -> str:
     return value
 
 
+def _capacity(value: str) -> int | None:
+    if value.lower() == "unlimited":
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be an integer >= 0, or unlimited")
+    return number
+
+
 def _text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -137,8 +146,9 @@ class Settings:
                              "Directory of the file logs (relative to SITELINK_HOME).")
     log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")
     instance_id: str = _setting("INSTANCE_ID", "", _instance_id,
-                                "Name of this monitor in claims, logs and events (one monitor per name "
-                                "and database). Default: the host name.")
+                                "Name of this monitor in the fleet: claims, logs, events and the feed. "
+                                "Each monitor on a database needs its own; a second one with the same "
+                                "name waits. Default: the host name.")
     monitor_interval: float = _setting("MONITOR_INTERVAL", 30.0, _positive_float,
                                        "Seconds between two monitor cycles (NOTIFY wakes it sooner).")
     stop_grace: float = _setting("STOP_GRACE", 5.0, _positive_float,
@@ -166,7 +176,15 @@ class Settings:
     crash_limit: int = _setting("CRASH_LIMIT", 5, _positive_int,
                                 "Crashes in a row soon after start after which a child is left stopped.")
     claim_lease: float = _setting("CLAIM_LEASE", 90.0, _positive_float,
-                                  "Seconds a monitor's claim on a connection lasts unless renewed.")
+                                  "Seconds a monitor's claim on a connection lasts unless renewed; renewed "
+                                  "every quarter of it, its children stop three quarters after the last "
+                                  "renewal began, whatever happened to PostgreSQL meanwhile.")
+    max_connections: int | None = _setting("MAX_CONNECTIONS", None, _capacity,
+                                           "Most connections this monitor runs (its capacity in the fleet); "
+                                           "unlimited by default, 0 = none.")
+    db_timeout: float = _setting("DB_TIMEOUT", 5.0, _positive_float,
+                                 "Longest a database call of the monitor may take (connect, statement, "
+                                 "TCP keepalives and user timeout); a quarter of the lease if that is less.")
     connect_timeout: float = _setting("CONNECT_TIMEOUT", 10.0, _positive_float,
                                       "Seconds to wait for the TCP connection, CONNACK and SUBACK.")
     resend_after: float = _setting("RESEND_AFTER", 5.0, _positive_float,
@@ -223,6 +241,30 @@ class Settings:
         """Where the embedded stack's scripts keep the secrets they generate (mode 0700)."""
         return self.var_dir / "secrets"
 
+    @property
+    def run_dir(self) -> Path:
+        """Where a monitor keeps its instance lock: the runtime directory (private)."""
+        return self.runtime_dir
+
+    # The lease, as the monitor keeps it: renewed every quarter, trusted for
+    # three quarters after the renewal statement started (by the monitor's own
+    # clock), so its children are gone a quarter of a lease before PostgreSQL
+    # lets any other monitor take their connections over.
+
+    @property
+    def renew_every(self) -> float:
+        return self.claim_lease / 4
+
+    @property
+    def lease_trusted(self) -> float:
+        return self.claim_lease * 3 / 4
+
+    @property
+    def db_bound(self) -> float:
+        """Bound of one database call of the monitor: never more than the quarter of a lease
+        between the fence and the end of the lease."""
+        return min(self.db_timeout, self.renew_every)
+
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from ``environ`` (default: ``os.environ``)."""
@@ -250,7 +292,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                           f"{PREFIX}RETRY_CAP ({settings.retry_cap})")
     if settings.claim_lease <= settings.monitor_interval:
         raise ConfigError(f"{PREFIX}CLAIM_LEASE ({settings.claim_lease}) must exceed "
-                          f"{PREFIX}MONITOR_INTERVAL ({settings.monitor_interval}): claims are renewed each cycle")
+                          f"{PREFIX}MONITOR_INTERVAL ({settings.monitor_interval}): a monitor's heartbeat "
+                          f"is written each cycle")
     if settings.restart_base > settings.restart_cap:
         raise ConfigError(f"{PREFIX}RESTART_BASE ({settings.restart_base}) must not exceed "
                           f"{PREFIX}RESTART_CAP ({settings.restart_cap})")
@@ -285,5 +328,7 @@ def documentation() -> list[tuple[str, str, str]]:
             default = "the host name"
         elif f.name == "events_endpoint":
             default = "ipc://<runtime dir>/events.sock"
+        elif f.name == "max_connections":
+            default = "unlimited"
         rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
     return rows

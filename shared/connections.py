@@ -84,9 +84,11 @@ class ConnectionSettings:
     mqtt_protocol: str = "3.1.1"
     clean_session: bool = False
     # Runtime facts the monitor adds: its PID, so the child can tell it was
-    # orphaned, and the file through which its children share the connect rate.
+    # orphaned; the descriptor of the file its children share (attempt rate,
+    # fence: shared/runfile.py); the epoch of the claim the child runs under.
     monitor_pid: int = 0
-    attempt_slots: str | None = None
+    state_fd: int | None = None
+    epoch: int = 0
     reset_session: bool = False  # the topics changed: drop the old persistent session once
 
     @classmethod

@@ -21,6 +21,8 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
+from shared.runfile import private_dir
+
 SERVER_FILE = "logger.secret"
 CLIENT_FILE = "client.secret"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -51,21 +53,6 @@ class Keys:
         socket.zap_domain = b"sitelink"
 
 
-def private_dir(path: Path) -> Path:
-    """``path`` as a directory only this user can open: created 0700 if
-    missing; an existing one must already be this user's and closed to others
-    (it is never loosened nor tightened behind the operator's back)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}): "
-                              f"sitelink's runtime directory must be its own")
-    if st.st_mode & 0o077:
-        raise PermissionError(f"{path} is open to other users (mode {st.st_mode & 0o7777:04o}): "
-                              f"make it 0700 or choose another SITELINK_RUNTIME_DIR")
-    return path
-
-
 def _secret(path: Path) -> bytes:
     """The secret key in ``path``, made (atomically, mode 0600) if missing."""
     try:
@@ -82,9 +69,10 @@ def _secret(path: Path) -> bytes:
     return key
 
 
-def load(directory: Path, server: bool = False) -> Keys:
-    """This installation's keys (made on first use); the server secret only for the logger."""
-    directory = private_dir(directory)
+def load(runtime_dir: Path, server: bool = False) -> Keys:
+    """This installation's keys (made on first use, in ``<runtime_dir>/curve``);
+    the server secret only for the logger."""
+    directory = private_dir(private_dir(runtime_dir) / "curve")
     with open(directory / ".lock", "a") as lock:  # two processes starting together make one pair
         fcntl.flock(lock, fcntl.LOCK_EX)
         server_secret = _secret(directory / SERVER_FILE)
@@ -95,7 +83,7 @@ def load(directory: Path, server: bool = False) -> Keys:
 
 def for_client(endpoint: str, runtime_dir: Path) -> Keys | None:
     """The keys a sender needs to reach the logger at ``endpoint`` (None for ipc)."""
-    return load(runtime_dir / "curve") if needed(endpoint) else None
+    return load(runtime_dir) if needed(endpoint) else None
 
 
 class Gatekeeper:

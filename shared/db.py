@@ -5,12 +5,19 @@ named queries in ``sql/queries.sql`` (each under a ``-- name: <name>``
 header). Callers run queries by name. Driver errors are translated at this
 boundary into our own: ``DatabaseUnavailable`` (retry later, nothing is
 wrong with the data), ``DataRejected`` (this data cannot be stored as is) and
-``DatabaseError`` (anything else).
+``DatabaseError`` (anything else). Their messages are one line each, whatever
+the driver's (psycopg's connection errors span several).
+
+A connection opened with a ``bound`` has every call on it bounded: the
+connect, each statement (``statement_timeout``) and a peer that vanished
+(TCP keepalives and ``tcp_user_timeout``), so a silent partition fails a call
+instead of holding its caller.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,6 +27,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from loguru import logger
@@ -91,8 +99,22 @@ def _describe(exc: psycopg.Error) -> str:
     if exc.diag.sqlstate in _ROW_QUOTING and exc.diag.message_primary:
         text = exc.diag.message_primary
     else:
-        text = str(exc).strip() or type(exc).__name__
+        text = str(exc)
+    text = " ".join(text.split()) or type(exc).__name__  # psycopg's messages span lines: one line
     return f"{type(exc).__name__}: {text}"
+
+
+def connect_options(url: str, bound: float | None) -> dict[str, Any]:
+    """libpq parameters that bound every call on a connection to about ``bound`` seconds."""
+    if bound is None:
+        return {"connect_timeout": 5}
+    ms = max(1, int(bound * 1000))
+    probe = max(1, int(bound // 3))  # keepalives count in whole seconds
+    options = conninfo_to_dict(url).get("options") or ""
+    return {"connect_timeout": max(2, math.ceil(bound)),  # libpq's floor is 2 s
+            "keepalives": 1, "keepalives_idle": probe, "keepalives_interval": probe, "keepalives_count": 2,
+            "tcp_user_timeout": ms,
+            "options": f"{options} -c statement_timeout={ms}".strip()}
 
 
 class Session:
@@ -133,9 +155,10 @@ class Session:
 class Database:
     """One connection to PostgreSQL, reopened on demand after a failure."""
 
-    def __init__(self, url: str, application_name: str):
+    def __init__(self, url: str, application_name: str, bound: float | None = None):
         self.url = url
         self.application_name = application_name
+        self.bound = bound
         self._conn: psycopg.Connection | None = None
 
     def _connection(self) -> psycopg.Connection:
@@ -143,7 +166,7 @@ class Database:
             self.close()
             with translate_errors():
                 self._conn = psycopg.connect(self.url, application_name=self.application_name,
-                                             connect_timeout=5)
+                                             **connect_options(self.url, self.bound))
         return self._conn
 
     @contextlib.contextmanager
@@ -167,10 +190,11 @@ class Database:
 class Listener:
     """A dedicated connection that LISTENs; ``fileno()`` becomes readable on NOTIFY."""
 
-    def __init__(self, url: str, channel: str = NOTIFY_CHANNEL, application_name: str = "sitelink-listen"):
+    def __init__(self, url: str, channel: str = NOTIFY_CHANNEL, application_name: str = "sitelink-listen",
+                 bound: float | None = None):
         with translate_errors():
             self._conn = psycopg.connect(url, autocommit=True, application_name=application_name,
-                                         connect_timeout=5)
+                                         **connect_options(url, bound))
             self._conn.execute(f"LISTEN {channel}")
 
     def fileno(self) -> int:
@@ -184,47 +208,6 @@ class Listener:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._conn.close()
-
-
-class SessionLock:
-    """A session advisory lock on a connection of its own; lost if that connection drops."""
-
-    def __init__(self, url: str, query: str, params: Mapping[str, Any], application_name: str):
-        self.url = url
-        self.query = query
-        self.params = params
-        self.application_name = application_name
-        self._conn: psycopg.Connection | None = None
-
-    def acquire(self) -> bool:
-        """Take the lock if free (or keep it); False if someone else holds it."""
-        if self.held():
-            return True
-        self.release()
-        with translate_errors():
-            conn = psycopg.connect(self.url, autocommit=True, application_name=self.application_name,
-                                   connect_timeout=5)
-            locked = conn.execute(QUERIES[self.query], self.params).fetchone()[0]
-        if locked:
-            self._conn = conn
-        else:
-            conn.close()
-        return bool(locked)
-
-    def held(self) -> bool:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            return False
-        try:
-            self._conn.execute(QUERIES["ping"])
-        except psycopg.Error:
-            return False
-        return True
-
-    def release(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
 
 
 # --- migrations ----------------------------------------------------------------
@@ -282,13 +265,13 @@ def check_schema(db: Database) -> None:
                            f"(python -m services.admin migrate) first")
 
 
-def wait_until_ready(url: str, application_name: str) -> Database:
+def wait_until_ready(url: str, application_name: str, bound: float | None = None) -> Database:
     """Connect, waiting with backoff while PostgreSQL is unreachable, and check the schema.
 
     Raises ``SchemaBehind`` at once if the database needs migrating: that will
     not fix itself.
     """
-    database = Database(url, application_name)
+    database = Database(url, application_name, bound)
     attempt = 0
     while True:
         try:

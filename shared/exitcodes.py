@@ -10,5 +10,8 @@ OK = 0
 GAVE_UP = 75
 #: The child's monitor died before the child could tell (it must not run alone).
 ORPHANED = 76
+#: The child's fence passed (its monitor's lease could no longer be trusted):
+#: it disconnected on its own. Not a crash.
+FENCED = 77
 #: The connection's settings are unusable (unknown parser, bad topics...).
 CONFIG = 78

@@ -147,9 +147,22 @@ def _name(v: str) -> str | None:
 
 # --- event bodies -----------------------------------------------------------
 
+#: Added to the sequence number of a ``final`` status: it ranks above
+#: everything the child of its epoch sent.
+FINAL_RANK = 1 << 62
+
+
 @dataclass(frozen=True)
 class StatusChange:
-    """A connection entered ``status``; also becomes one connection-log row."""
+    """A connection entered ``status``; also becomes one connection-log row.
+
+    Statuses of one connection are ordered by (``epoch``, the envelope's
+    sequence number): the epoch comes from PostgreSQL with the claim under
+    which the child runs, so the order holds across processes and hosts
+    whatever their clocks. ``final``: the monitor's word on an epoch whose
+    child has exited (a crash, a row it cannot start), ranked after anything
+    that child sent.
+    """
 
     KIND: typing.ClassVar[str] = "status"
     connection_id: int = _checked(_ID)
@@ -161,6 +174,8 @@ class StatusChange:
     retry_attempt: int | None = _checked(_optional(_COUNT), default=None)
     next_retry_at: float | None = _checked(_optional(_retry_time), default=None)  # epoch seconds
     gave_up: bool = False
+    epoch: int = _checked(_int_range(0, limits.INT64_MAX), default=0)
+    final: bool = False
 
     def __post_init__(self) -> None:
         _refuse_bad_fields(self)
@@ -225,6 +240,7 @@ class Flow:
     connection_id: int = _checked(_ID)
     paused: bool = False
     unacked: int = _checked(_COUNT, default=0)
+    epoch: int = _checked(_int_range(0, limits.INT64_MAX), default=0)  # of the claim the child runs under
 
 
 @dataclass(frozen=True)
@@ -505,6 +521,13 @@ def _envelope(doc: object, now: float) -> Envelope | Invalid:
             return Invalid(f"{sender} may only report about connection {own}", **where)
     elif kind not in MONITOR_KINDS:
         return Invalid(f"a monitor does not send {kind} events", **where)
+    if kind == "status" and body.get("final") is True:
+        # A final status ranks above every status of its epoch: only a monitor
+        # says the last word, and its rank (seq + FINAL_RANK) must fit a bigint.
+        if own is not None:
+            return Invalid("only a monitor sends a final status", **where)
+        if seq >= FINAL_RANK:
+            return Invalid(f"a final status's sequence number must be below {FINAL_RANK}", **where)
     try:
         event = _build(cls, body)
     except ProtocolError as exc:

@@ -1,9 +1,6 @@
 -- Named queries, loaded once by shared/db.py and run by name.
 -- Each starts with a "-- name: <name>" line.
 
--- name: ping
-SELECT 1;
-
 -- ---------------------------------------------------------------- migrations
 
 -- name: migration_lock
@@ -28,17 +25,22 @@ INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
 -- ------------------------------------------------------------------ monitor
 
 -- name: monitor_connections
+-- claim: 'mine' (this monitor process holds a valid claim), 'taken' (another
+-- does), 'free' (nobody does: never claimed, released or expired).
 SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
-       c.is_active, c.status, c.mqtt_next_retry, c.claimed_by,
+       c.is_active, c.status, c.mqtt_next_retry, c.claimed_by, c.claim_epoch,
        md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
-       (c.claimed_by IS NULL OR c.claimed_by = %(me)s OR c.claim_expires_at < now()) AS is_claimable
+       extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
+       CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
+            WHEN c.claim_owner = %(incarnation)s THEN 'mine'
+            ELSE 'taken' END AS claim
 FROM mqtt_connection c
--- An inactive, disconnected row nobody runs needs nothing: of 10,000 rows
--- mostly inactive, the cycle reads only those it may act on.
-WHERE c.is_active OR c.status <> 'disconnected' OR c.id = ANY(%(running)s)
+-- An inactive, disconnected row nobody of ours holds needs nothing: of
+-- 10,000 rows mostly inactive, the cycle reads only those it may act on.
+WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s OR c.id = ANY(%(held)s)
 ORDER BY c.id;
 
 -- name: connection_settings
@@ -48,34 +50,93 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
 FROM mqtt_connection c
 WHERE c.id = %(connection_id)s;
 
--- Claims: a monitor runs a connection only while it holds the claim, a
--- lease renewed each cycle; another monitor takes it over only once expired.
--- The WHERE is re-checked on the locked row, so of two monitors racing for
--- one connection exactly one wins.
+-- Membership: a row per monitor (instance id), its heartbeat written at
+-- each cycle. Live = heartbeat within its lease by PostgreSQL's clock.
 
--- One monitor per instance id and database: a session advisory lock, held
--- as long as the monitor's connection lives (released by PostgreSQL the
--- moment the monitor dies), so a restarted monitor may take its claims back
--- at once.
+-- name: fleet_members
+SELECT instance_id, capacity FROM sitelink_monitor
+WHERE heartbeat_at + make_interval(secs => lease_seconds) > now()
+ORDER BY instance_id;
 
--- name: instance_lock
-SELECT pg_try_advisory_lock(hashtextextended('sitelink-monitor:' || %(me)s, 0)) AS locked;
+-- name: monitor_member
+SELECT incarnation, host, pid, lock_key,
+       heartbeat_at + make_interval(secs => lease_seconds) <= now() AS expired,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent_for
+FROM sitelink_monitor WHERE instance_id = %(me)s
+FOR UPDATE;
+
+-- name: monitor_join
+INSERT INTO sitelink_monitor (instance_id, incarnation, host, pid, lock_key, lease_seconds, capacity)
+VALUES (%(me)s, %(incarnation)s, %(host)s, %(pid)s, %(lock_key)s, %(lease)s, %(capacity)s)
+ON CONFLICT (instance_id) DO UPDATE
+    SET incarnation = EXCLUDED.incarnation, host = EXCLUDED.host, pid = EXCLUDED.pid,
+        lock_key = EXCLUDED.lock_key, lease_seconds = EXCLUDED.lease_seconds,
+        capacity = EXCLUDED.capacity, holds = 0, started_at = now(), heartbeat_at = now()
+    -- Only over a predecessor the caller has found dead (monitor_member,
+    -- same transaction, row locked).
+    WHERE sitelink_monitor.incarnation = %(predecessor)s
+RETURNING instance_id;
+
+-- name: commit_without_waiting
+-- For the heartbeat's transaction: a heartbeat lost in a crash of PostgreSQL
+-- is written again at the next cycle, so the cycle need not wait for its fsync.
+SELECT set_config('synchronous_commit', 'off', true);
+
+-- name: monitor_heartbeat
+UPDATE sitelink_monitor SET heartbeat_at = now(), holds = %(holds)s, capacity = %(capacity)s
+WHERE instance_id = %(me)s AND incarnation = %(incarnation)s
+RETURNING instance_id;
+
+-- name: monitor_leave
+DELETE FROM sitelink_monitor WHERE instance_id = %(me)s AND incarnation = %(incarnation)s;
+
+-- name: fleet_notify
+-- Wakes every monitor at once (delivered at commit): claims were released,
+-- or a monitor joined or left.
+SELECT pg_notify('sitelink_mqtt_connection', %(payload)s);
+
+-- Claims: a monitor process runs a connection only while it holds the
+-- claim, a lease it renews; another takes it only once released or
+-- expired. Each WHERE is re-checked on the locked row, so of two monitors
+-- racing for one connection exactly one wins.
 
 -- name: claim_connections
-UPDATE mqtt_connection
-SET claimed_by = %(me)s, claim_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE id = ANY(%(ids)s)
-  AND (claimed_by IS NULL OR claimed_by = %(me)s OR claim_expires_at < now())
-RETURNING id;
+-- Up to %(limit)s of %(ids)s, this monitor's own first. Each claim starts a
+-- new epoch: what a child of it (or the monitor about it) reports ranks
+-- above everything of the epochs before.
+WITH picked AS (
+    SELECT id FROM mqtt_connection
+    WHERE id = ANY(%(ids)s)
+      AND (claim_owner = %(incarnation)s OR claim_expires_at IS NULL OR claim_expires_at <= now())
+    ORDER BY claim_owner IS NOT DISTINCT FROM %(incarnation)s DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE mqtt_connection c
+SET claim_owner = %(incarnation)s, claimed_by = %(me)s, claim_epoch = c.claim_epoch + 1,
+    claim_expires_at = now() + make_interval(secs => %(lease)s)
+FROM picked
+WHERE c.id = picked.id
+RETURNING c.id, c.claim_epoch;
 
 -- name: renew_claims
+-- An expired claim is not renewed: it is gone, whoever holds it now.
 UPDATE mqtt_connection SET claim_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE claimed_by = %(me)s AND id = ANY(%(ids)s)
+WHERE claim_owner = %(incarnation)s AND claim_expires_at > now() AND id = ANY(%(ids)s)
 RETURNING id;
 
+-- name: release_claims_except
+UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
+WHERE claim_owner = %(incarnation)s AND NOT (id = ANY(%(keep)s));
+
 -- name: release_claims
-UPDATE mqtt_connection SET claimed_by = NULL, claim_expires_at = NULL
-WHERE claimed_by = %(me)s AND NOT (id = ANY(%(keep)s));
+UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
+WHERE claim_owner = %(incarnation)s AND id = ANY(%(ids)s);
+
+-- name: release_owner
+-- The claims of a monitor process known to be gone, free at once.
+UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
+WHERE claim_owner = %(owner)s;
 
 -- name: mark_offline_gateways
 UPDATE gateway SET is_online = false
@@ -98,44 +159,57 @@ RETURNING s.id, g.site_id, s.name;
 
 -- ------------------------------------------------------------------- logger
 -- Status bookkeeping, with the seed's semantics. Each returns what the
--- status feed needs, read in the same transaction.
+-- status feed needs, read in the same transaction. A status applies only if
+-- it ranks above the row's: (claim epoch, sequence number), an order that
+-- PostgreSQL's claims assign, never the senders' clocks (status_changed_at
+-- is the time shown to people).
 
 -- name: status_connecting
-UPDATE mqtt_connection SET status = 'connecting', status_changed_at = %(at)s, paused_since = NULL
-WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
+UPDATE mqtt_connection
+SET status = 'connecting', status_changed_at = %(at)s, paused_since = NULL,
+    status_epoch = %(epoch)s, status_seq = %(seq)s
+WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
+          ARRAY[status_epoch, status_seq] AS status_order;
 
 -- name: status_connected
 UPDATE mqtt_connection
-SET status = 'connected', status_changed_at = %(at)s, last_connected_at = %(at)s, error_message = '',
-    paused_since = NULL,
+SET status = 'connected', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
+    last_connected_at = %(at)s, error_message = '', paused_since = NULL,
     mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
-WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
+WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
+          ARRAY[status_epoch, status_seq] AS status_order;
 
 -- name: status_error
 UPDATE mqtt_connection
-SET status = 'error', status_changed_at = %(at)s, error_message = %(message)s, paused_since = NULL,
+SET status = 'error', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
+    error_message = %(message)s, paused_since = NULL,
     connection_errors = connection_errors + 1,
     mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
-    mqtt_next_retry = %(next_retry_at)s
-WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
+    -- The sender's delay, counted from now by PostgreSQL's clock: the monitor
+    -- that next starts it may run on another host, with another clock.
+    mqtt_next_retry = now() + make_interval(secs => %(retry_in)s::float8)
+WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
+          ARRAY[status_epoch, status_seq] AS status_order;
 
 -- name: status_disconnected
 UPDATE mqtt_connection
-SET status = 'disconnected', status_changed_at = %(at)s, error_message = %(message)s, paused_since = NULL
-WHERE id = %(connection_id)s AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
+SET status = 'disconnected', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
+    error_message = %(message)s, paused_since = NULL
+WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
+          ARRAY[status_epoch, status_seq] AS status_order;
 
 -- A child paused by backpressure (or flowing again). A status change clears
 -- it too: a child that reconnects starts unpaused.
 -- name: set_flow
 UPDATE mqtt_connection
 SET paused_since = CASE WHEN %(paused)s THEN coalesce(paused_since, %(at)s) END
-WHERE id = %(connection_id)s AND status = 'connected'
-  AND (status_changed_at IS NULL OR status_changed_at <= %(at)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors;
+WHERE id = %(connection_id)s AND status = 'connected' AND status_epoch = %(epoch)s
+RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
+          ARRAY[status_epoch, status_seq] AS status_order;
 
 -- The connections (and sites) a batch names: which exist, and what the feed
 -- says of them.
@@ -150,7 +224,8 @@ SELECT NULL, s.id, s.name FROM site s WHERE s.id = ANY(%(site_ids)s);
 -- when each site last sent data.
 -- name: feed_connections
 SELECT c.id, c.site_id, s.name AS site, c.status, c.is_active, c.paused_since, c.error_message,
-       c.last_connected_at, c.connection_errors, c.mqtt_retry_count, c.mqtt_next_retry, c.status_changed_at
+       c.last_connected_at, c.connection_errors, c.mqtt_retry_count, c.mqtt_next_retry, c.status_changed_at,
+       ARRAY[c.status_epoch, c.status_seq] AS status_order
 FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 ORDER BY c.id;
 

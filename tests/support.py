@@ -12,7 +12,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -277,10 +278,36 @@ class FeedSubscriber:
         self.context.term()
 
 
-def python_service(name: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+def python_service(name: str, env: dict[str, str], log: Path, *args: str,
+                   new_session: bool = False) -> subprocess.Popen:
+    """``python -m services.<name>``; with ``new_session``, in a process group of its own
+    (that a test may kill whole, as a host that dies)."""
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def client_id_takeovers(broker: Mosquitto, client_ids: list[str]) -> list[str]:
+    """The broker's log lines saying that a second client connected with one of
+    ``client_ids`` while the first still was (Mosquitto closes the old one): two
+    clients for one site."""
+    wanted = set(client_ids)
+    return [line for line in broker.log.read_text(errors="replace").splitlines()
+            if "already connected, closing old connection" in line
+            and line.split("Client ", 1)[-1].split(" already connected", 1)[0] in wanted]
+
+
+@contextmanager
+def logger_client(endpoint: str) -> Iterator[zmq.Socket]:
+    """A DEALER connected to the logger, as every sender's is: for frames a test makes itself."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        context.term()
 
 
 def remove_tree(path: Path) -> None:

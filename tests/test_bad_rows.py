@@ -186,7 +186,7 @@ def test_the_zygote_bound_holds_the_largest_row_the_rules_admit():
                        client_id="\U0001f600" * CLIENT_ID_MAX_CHARS, broker_host="b" * 63 + ".example",
                        topics=tuple(f"{i:03d}/" + "t" * (TOPICS_MAX_BYTES // TOPICS_MAX_COUNT - 4)
                                     for i in range(TOPICS_MAX_COUNT)),
-                       attempt_slots="/" + "s" * 4000)
+                       state_fd=2**31 - 1, epoch=2**63 - 1, monitor_pid=2**22)
     assert largest.problems() == []
     frame = protocol.encode_settings(largest)
     # Under the kernel's default limit of one local datagram (212,960 bytes)

@@ -15,8 +15,8 @@ import zmq
 from shared import protocol
 from shared.protocol import Ack, Batch, Data, Envelope
 from tests.conftest import Stack
-from tests.support import (Mosquitto, Publisher, alive, memory_kib, monitor_children, remove_tree, wait_for,
-                           world_traversable_tmpdir)
+from tests.support import (Mosquitto, Publisher, alive, logger_client, memory_kib, monitor_children, remove_tree,
+                           wait_for, world_traversable_tmpdir)
 
 SITES = ("north", "south", "east")
 PER_SITE = 150
@@ -233,10 +233,7 @@ def test_a_poison_event_is_isolated_and_the_rest_stored(stack, broker):
     cid = stack.sql.add_site("poison", port=broker.port, active=False)
     stack.sql.rows("ALTER TABLE gateway ADD CONSTRAINT no_poison CHECK (name <> 'POISON')")
     stack.start("logger")
-    context = zmq.Context()
-    sender = context.socket(zmq.DEALER)
-    sender.connect(stack.env["SITELINK_EVENTS_ENDPOINT"])
-    try:
+    with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
         events = [Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
                        sensors={"S": {"n": float(n)}}) for n in range(10)]
         events.insert(5, Data(connection_id=cid, topic="t/bad", gateway="POISON", ts=BASE_TS,
@@ -262,9 +259,6 @@ def test_a_poison_event_is_isolated_and_the_rest_stored(stack, broker):
             return False
         wait_for(acked_all, what="every event acknowledged, the poison too")
         assert refused == [6]  # the sender is told which one, and why
-    finally:
-        sender.close(linger=0)
-        context.term()
 
 
 def test_the_loggers_memory_stays_flat_through_a_long_outage_while_children_resend(own_postgres, broker):

@@ -148,20 +148,20 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     q = db.QUERIES
     times: dict[str, list[float]] = {"read the rows it may act on (`monitor_connections`, fetched as dicts)": [],
                                      "... of which PostgreSQL's execution (EXPLAIN ANALYZE)": [],
-                                     "renew claims (`renew_claims` + `release_claims`)": [],
+                                     "renew claims (`renew_claims` + `release_claims_except`)": [],
                                      "mark devices offline (3 queries)": []}
     with psycopg.connect(url, row_factory=dict_row, application_name="sitelink-bench-probe") as conn:
-        me = conn.execute("SELECT claimed_by FROM mqtt_connection WHERE claimed_by IS NOT NULL LIMIT 1").fetchone()
-        me = me["claimed_by"] if me else ""
-        ids = [r["id"] for r in conn.execute("SELECT id FROM mqtt_connection WHERE claimed_by = %s", (me,))]
+        me = conn.execute("SELECT claim_owner FROM mqtt_connection WHERE claim_owner IS NOT NULL LIMIT 1").fetchone()
+        me = me["claim_owner"] if me else ""
+        ids = [r["id"] for r in conn.execute("SELECT id FROM mqtt_connection WHERE claim_owner = %s", (me,))]
         conn.commit()
         for _ in range(repeat):
             steps = [
                 ("read the rows it may act on (`monitor_connections`, fetched as dicts)",
-                 [(q["monitor_connections"], {"me": me, "running": ids})]),
-                ("renew claims (`renew_claims` + `release_claims`)",
-                 [(q["renew_claims"], {"me": me, "lease": 90.0, "ids": ids}),
-                  (q["release_claims"], {"me": me, "keep": ids})]),
+                 [(q["monitor_connections"], {"incarnation": me, "held": ids})]),
+                ("renew claims (`renew_claims` + `release_claims_except`)",
+                 [(q["renew_claims"], {"incarnation": me, "lease": 90.0, "ids": ids}),
+                  (q["release_claims_except"], {"incarnation": me, "keep": ids})]),
                 ("mark devices offline (3 queries)",
                  [(q[f"mark_offline_{k}s"], {"after": 600.0}) for k in ("gateway", "datalogger", "sensor")]),
             ]
@@ -175,7 +175,7 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
                 times[label].append(time.perf_counter() - t)
             with conn.transaction(force_rollback=True):
                 plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q["monitor_connections"],
-                                    {"me": me, "running": ids}).fetchone()
+                                    {"incarnation": me, "held": ids}).fetchone()
             times["... of which PostgreSQL's execution (EXPLAIN ANALYZE)"].append(
                 next(iter(plan.values()))[0]["Execution Time"] / 1000)
     return times
@@ -439,7 +439,7 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg) -> s
          + ("" if f["connected"] >= N else f" (only {f['connected']} after {CONNECT_TIMEOUT:g} s)"),
          "<= 30 s: " + results.verdict(t_all, 30.0, higher_is_better=False)],
         ["monitor started -> last child's own `connected` timestamp (s)", fmt(f["child_clock_last"], 2), ""],
-        [f"first cycle (reads {ROWS:,} rows, claims and spawns the children) (ms)",
+        [f"first cycle (reads {ROWS:,} rows, claims and spawns the first batch of children) (ms)",
          fmt(first["duration"] * 1000 if first else None, 0) + (f" ({first['started']} started)" if first else ""),
          ""],
         [f"steady cycles ({N} running, none started or stopped), all (ms)",

@@ -1,0 +1,252 @@
+"""The monitor's side of the database: membership of the fleet, claims, and
+the LISTEN connection that wakes it.
+
+A fleet is every monitor on one PostgreSQL. Each has a row in
+``sitelink_monitor`` (its heartbeat, written at each cycle); it is live while
+that heartbeat is within its lease by PostgreSQL's clock. Each connection is
+run by the monitor process holding its claim (``claim_owner``), a lease that
+PostgreSQL lets nobody else take until it is released or has expired.
+
+The share rule (``share``): with ``active`` active connections and the live
+monitors' capacities ``c_i`` (SITELINK_MAX_CONNECTIONS, unlimited by
+default), each monitor holds at most ``min(c_i, level)`` connections (plus
+``SLACK``), ``level`` the least number with ``sum(min(c_i, level)) >= active``:
+without capacities, ``ceil(active / live monitors)``; what a capped monitor
+cannot take is spread over the others.
+
+Every call is bounded (``settings.db_bound``: connect, statement, TCP) and
+raises ``db.DatabaseError`` on failure; the monitor decides what it means.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from loguru import logger
+
+from shared import backoff, config, db
+
+#: Connections a monitor may hold beyond its share before it hands any over,
+#: so that a share that moves by one does not move a connection back and forth.
+SLACK = 1
+#: How often a database outage is logged again while it lasts.
+OUTAGE_REPORT_EVERY = 60.0
+DEVICE_KINDS = ("gateway", "datalogger", "sensor")
+
+
+def share(active: int, capacities: list[int | None], mine: int | None) -> int:
+    """How many of ``active`` connections a monitor of capacity ``mine`` should hold
+    among live monitors of ``capacities`` (itself included; None = unlimited)."""
+    if not capacities:
+        capacities = [mine]
+
+    def covered(level: int) -> int:
+        return sum(level if c is None else min(c, level) for c in capacities)
+    low, high = 0, active
+    while low < high:  # the least level that covers every active connection
+        middle = (low + high) // 2
+        if covered(middle) >= active:
+            high = middle
+        else:
+            low = middle + 1
+    return low if mine is None else min(mine, low)
+
+
+class MembershipLost(db.DatabaseError):
+    """Another process took this monitor's instance id over: its claims are not to be trusted."""
+
+
+@dataclass(frozen=True)
+class Occupied:
+    """Another live monitor has this instance id."""
+
+    host: str
+    pid: int
+    silent_for: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one cycle sees: the rows it may act on and the live monitors' capacities."""
+
+    rows: list[dict]
+    capacities: list[int | None]
+
+    @property
+    def active(self) -> int:
+        return sum(1 for r in self.rows if r["is_active"])
+
+
+class Fleet:
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        #: This monitor process: claims belong to it, not to the instance id.
+        self.incarnation = f"{settings.instance_id}/{socket.gethostname()}/{os.getpid()}/{time.time_ns():x}"
+        self.db = db.Database(settings.database_url, "sitelink-monitor", bound=settings.db_bound)
+        self.listener: db.Listener | None = None
+        self._listen_failures = 0
+        self._listen_at = 0.0  # monotonic
+
+    def _me(self) -> dict:
+        return {"me": self.instance_id, "incarnation": self.incarnation}
+
+    # -- membership
+
+    def join(self, lock_key: str) -> Occupied | None:
+        """Become the live member of this instance id; None when done.
+
+        A predecessor with the same id is replaced once its heartbeat has
+        expired, or at once if it recorded our ``lock_key``: it ran on this
+        boot of this host, and we hold the lock every one of its processes
+        held, so none of them is left. Its claims are then free at once.
+        """
+        with self.db.transaction() as s:
+            row = s.one("monitor_member", {"me": self.instance_id})
+            predecessor = None
+            if row is not None:
+                gone = row["lock_key"] == lock_key
+                if not (row["expired"] or gone):
+                    return Occupied(row["host"], row["pid"], row["silent_for"])
+                predecessor = row["incarnation"]
+                if gone:
+                    s.run("release_owner", {"owner": predecessor})
+            joined = s.one("monitor_join", {
+                **self._me(), "host": socket.gethostname(), "pid": os.getpid(), "lock_key": lock_key,
+                "lease": self.settings.claim_lease, "capacity": self.settings.max_connections,
+                "predecessor": predecessor})
+            if joined is None:  # another one joined between our two statements
+                return Occupied("?", 0, 0.0)
+            s.run("fleet_notify", {"payload": f"fleet:{self.incarnation}"})
+        return None
+
+    def snapshot(self, held: list[int], holds: int) -> Snapshot:
+        """Heartbeat, the live monitors and the rows, in one transaction."""
+        with self.db.transaction() as s:
+            s.run("commit_without_waiting")
+            if s.one("monitor_heartbeat", {**self._me(), "holds": holds,
+                                           "capacity": self.settings.max_connections}) is None:
+                raise MembershipLost(f"another monitor took instance id {self.instance_id!r} over")
+            capacities = [r["capacity"] for r in s.rows("fleet_members")]
+            rows = s.rows("monitor_connections", {"incarnation": self.incarnation, "held": held})
+        return Snapshot(rows, capacities)
+
+    def leave(self) -> None:
+        """Release every claim and the membership; wake the others to take over at once."""
+        with self.db.transaction() as s:
+            s.run("release_claims_except", {**self._me(), "keep": []})
+            s.run("monitor_leave", self._me())
+            s.run("fleet_notify", {"payload": f"fleet:{self.incarnation}"})
+
+    # -- claims
+
+    def claim(self, ids: list[int], limit: int) -> dict[int, int]:
+        """Claim up to ``limit`` of ``ids`` (ours first); return the epoch of each claim won."""
+        if not ids or limit <= 0:
+            return {}
+        with self.db.transaction() as s:
+            rows = s.rows("claim_connections", {**self._me(), "ids": ids, "limit": limit,
+                                                "lease": self.settings.claim_lease})
+        return {r["id"]: r["claim_epoch"] for r in rows}
+
+    def renew(self, ids: list[int]) -> set[int]:
+        """Renew our claims on ``ids``; release any other of ours; return those renewed."""
+        with self.db.transaction() as s:
+            renewed = {r["id"] for r in s.rows("renew_claims", {**self._me(), "ids": ids,
+                                                                 "lease": self.settings.claim_lease})}
+            s.run("release_claims_except", {**self._me(), "keep": list(renewed)})
+        return renewed
+
+    def release(self, ids: list[int]) -> None:
+        """Release our claims on ``ids`` and wake the other monitors to take them."""
+        with self.db.transaction() as s:
+            s.run("release_claims", {**self._me(), "ids": ids})
+            s.run("fleet_notify", {"payload": f"fleet:{self.incarnation}"})
+
+    # -- devices
+
+    def mark_offline(self) -> dict[str, list[dict]]:
+        after = {"gateway": self.settings.gateway_offline_after,
+                 "datalogger": self.settings.datalogger_offline_after,
+                 "sensor": self.settings.sensor_offline_after}
+        with self.db.transaction() as s:
+            return {kind: s.rows(f"mark_offline_{kind}s", {"after": after[kind]}) for kind in DEVICE_KINDS}
+
+    # -- LISTEN: woken at once by changes of rows and of the fleet
+
+    def listen(self) -> bool:
+        """(Re-)establish the LISTEN connection when due; True when it was just made.
+
+        Retried with backoff while it fails (the caller logs the outage)."""
+        if self.listener is not None or time.monotonic() < self._listen_at:
+            return False
+        try:
+            self.listener = db.Listener(self.settings.database_url, application_name="sitelink-monitor-listen",
+                                        bound=self.settings.db_bound)
+        except db.DatabaseError:
+            self._listen_failures += 1
+            self._listen_at = time.monotonic() + backoff.delay(
+                self._listen_failures, 0.5, max(1.0, self.settings.monitor_interval))
+            raise
+        self._listen_failures = 0
+        return True
+
+    def listen_now(self) -> None:
+        """PostgreSQL answers again: re-establish LISTEN at once, not at the end of its backoff."""
+        self._listen_at = 0.0
+
+    def fileno(self) -> int | None:
+        return self.listener.fileno() if self.listener is not None else None
+
+    def notified(self) -> bool:
+        """Whether a notification that concerns us arrived (never blocks)."""
+        if self.listener is None:
+            return False
+        try:
+            payloads = self.listener.drain()
+        except db.DatabaseError as exc:
+            logger.warning("monitor {}: lost the LISTEN connection ({}); re-establishing it",
+                           self.instance_id, exc)
+            self.listener.close()
+            self.listener = None
+            return True  # what we may have missed meanwhile
+        return any(p != f"fleet:{self.incarnation}" for p in payloads)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.db.close()
+
+
+class Outage:
+    """Logs a database outage once when it starts, every OUTAGE_REPORT_EVERY s
+    while it lasts, and once when it ends, each on one line."""
+
+    def __init__(self, instance_id: str, clock=time.monotonic):
+        self.instance_id = instance_id
+        self.clock = clock
+        self.since: float | None = None
+        self._reported_at = 0.0
+
+    def failed(self, doing: str, exc: Exception, outlook: str) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since = self._reported_at = now
+            logger.warning("monitor {}: PostgreSQL unreachable ({}: {}); {}", self.instance_id, doing, exc, outlook)
+        elif now - self._reported_at >= OUTAGE_REPORT_EVERY:
+            self._reported_at = now
+            logger.warning("monitor {}: PostgreSQL still unreachable after {:.0f} s ({}); {}",
+                           self.instance_id, now - self.since, exc, outlook)
+
+    def ended(self) -> bool:
+        """A call succeeded; True if that ended an outage."""
+        if self.since is None:
+            return False
+        logger.info("monitor {}: PostgreSQL reachable again after {:.1f} s", self.instance_id,
+                    self.clock() - self.since)
+        self.since = None
+        return True
