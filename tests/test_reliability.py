@@ -171,6 +171,22 @@ def test_several_sites_and_a_site_without_connection(psql):
     assert {(r["window_start"], r["window_end"]) for r in rows} == {(AS_OF - 24 * H, AS_OF)}
 
 
+def test_any_window_for_a_site_or_a_connection(psql):
+    cid = add_site_with_history(psql, "flaky", CASES["drops_and_recoveries"].history)
+    add_site_with_history(psql, "steady", CASES["always_connected"].history)
+    # two hours around the drop of three days ago: down 10 of 120 minutes, 91.67 %
+    row = psql.execute("SELECT * FROM connection_reliability(%s, %s, %s)",
+                       (cid, AS_OF - 3 * D - H, AS_OF - 3 * D + H)).fetchone()
+    assert Figures(**{**row, "uptime_pct": str(row["uptime_pct"])}) == Figures(
+        2 * H, 110 * M, "91.67", 1, 1, 10 * M, 10 * M)
+    # 30 days: the steady site's history begins exactly at the window's start
+    assert figures(psql, "site_reliability(interval '30 days')", "steady") == Figures(
+        30 * D, 30 * D, "100.00", 0, 0, None, timedelta(0))
+    # 30 days of the flaky one: its first row is 10 days old, and it lost 85 minutes since
+    assert figures(psql, "site_reliability(interval '30 days')", "flaky") == Figures(
+        10 * D, 10 * D - 85 * M, "99.41", 3, 3, 28 * M + 20 * S, H)
+
+
 def test_a_pinned_time_can_be_released_and_the_views_use_now(psql):
     with psql.transaction():
         assert psql.execute("SELECT sitelink_as_of() = %s AS pinned", (AS_OF,)).fetchone()["pinned"]
@@ -187,6 +203,8 @@ def test_the_window_and_the_threshold_must_be_positive(psql):
             psql.execute(f"SELECT * FROM site_reliability({bad})")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="the threshold must be a positive interval"):
             psql.execute(f"SELECT * FROM silent_sites({bad})")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="window_end - window_start must be a positive"):
+        psql.execute("SELECT * FROM connection_reliability(1, '2026-03-01', '2026-02-01')")
 
 
 # --- data: last message and readings per minute --------------------------------------
@@ -247,6 +265,9 @@ def test_readings_are_counted_through_the_primary_key_not_a_scan_of_reading(psql
         keyed = [n for n in nodes if n.get("Index Name") == "reading_pkey"]
         assert keyed and all("sensor_id = se.id" in n["Index Cond"] for n in keyed), json.dumps(plan)
         assert psql.execute(f"SELECT readings FROM {view}").fetchone()["readings"] == expected
+        # without the readings columns, the planner does not count them at all
+        plan = psql.execute(f"EXPLAIN (FORMAT JSON) SELECT site, uptime_pct, drops FROM {view}").fetchone()
+        assert "reading_pkey" not in json.dumps(plan) and '"reading"' not in json.dumps(plan)
 
 
 def plan_nodes(node: dict) -> Iterator[dict]:

@@ -4,7 +4,7 @@
 -- One row per change of a connection's status or is_active: from `since`
 -- until the next row of the same connection, the connection was in `status`
 -- and `is_active` was as given. Written by a trigger on mqtt_connection, so
--- the history follows whoever writes the row. About 150 bytes a row with its
+-- the history follows whoever writes the row. About 170 bytes a row with its
 -- indexes; a connection that reconnects writes two or three rows, one that
 -- keeps failing two per attempt (see the README for what a busy installation
 -- can expect).
@@ -83,11 +83,66 @@ BEGIN
     RETURN value;
 END $$;
 
--- Reliability of every site over the `span` before sitelink_as_of(). Only
--- time while is_active counts: an outage is a stretch of active time not
--- connected; time while inactive is neither up nor down. Every figure is
--- clipped to the window. A plain SQL function, so the planner inlines it:
--- EXPLAIN shows the real plan and a WHERE on site reaches the tables.
+-- How the views show a duration: whole seconds, 24 hours as a day
+-- ('7 days', '1 day 02:00:00', not '168:00:00').
+CREATE FUNCTION sitelink_whole_seconds(value interval) RETURNS interval
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN justify_hours(date_trunc('second', value));
+
+-- Reliability of one connection between two times. Only time while
+-- is_active counts: an outage is a stretch of active time not connected;
+-- time while inactive is neither up nor down. Every figure is clipped to the
+-- window, and nothing before the connection's oldest history row counts.
+-- Works on that connection's rows alone (two ranges of the history's index).
+CREATE FUNCTION connection_reliability(connection bigint, window_start timestamptz, window_end timestamptz)
+RETURNS TABLE (
+    active_time interval, connected_time interval, uptime_pct numeric,
+    drops bigint, recoveries bigint, mttr interval, longest_outage interval)
+LANGUAGE sql STABLE AS $$
+WITH history AS (
+    -- the row in force at the window's start, and the rows inside it
+    (SELECT x.id, x.since, x.status, x.is_active FROM mqtt_status_history x
+      WHERE x.connection_id = connection AND x.since <= window_start
+      ORDER BY x.since DESC, x.id DESC LIMIT 1)
+    UNION ALL
+    (SELECT x.id, x.since, x.status, x.is_active FROM mqtt_status_history x
+      WHERE x.connection_id = connection AND x.since > window_start AND x.since <= window_end)
+), spells AS (
+    -- each row lasts until the next one (the last until the window's end)
+    SELECT h.status, h.is_active,
+           coalesce(lead(h.since) OVER w, window_end) - greatest(h.since, window_start) AS length,
+           h.is_active AND h.status <> 'connected' AS down,
+           coalesce(h.is_active AND h.status <> 'connected'
+                    AND lag(h.status) OVER w = 'connected' AND lag(h.is_active) OVER w, false) AS is_drop,
+           coalesce(lead(h.status) OVER w = 'connected' AND lead(h.is_active) OVER w, false) AS recovers,
+           -- consecutive down spells share this number: one outage
+           count(*) FILTER (WHERE NOT (h.is_active AND h.status <> 'connected')) OVER w AS outage_no
+    FROM history h
+    WINDOW w AS (ORDER BY h.since, h.id)
+), outages AS (
+    SELECT sum(s.length) AS length, bool_or(s.recovers) AS recovered
+    FROM spells s WHERE s.down GROUP BY s.outage_no
+), totals AS (
+    SELECT coalesce(sum(s.length) FILTER (WHERE s.is_active), interval '0') AS active_time,
+           coalesce(sum(s.length) FILTER (WHERE s.is_active AND s.status = 'connected'), interval '0')
+               AS connected_time,
+           count(*) FILTER (WHERE s.is_drop) AS drops
+    FROM spells s
+)
+SELECT sitelink_whole_seconds(t.active_time), sitelink_whole_seconds(t.connected_time),
+       round(100 * extract(epoch FROM t.connected_time) / nullif(extract(epoch FROM t.active_time), 0), 2),
+       t.drops,
+       (SELECT count(*) FROM outages o WHERE o.recovered),
+       (SELECT sitelink_whole_seconds(avg(o.length)) FROM outages o WHERE o.recovered),
+       (SELECT sitelink_whole_seconds(coalesce(max(o.length), interval '0')) FROM outages o)
+FROM totals t
+WHERE sitelink_positive_interval(window_end - window_start, 'window_end - window_start') IS NOT NULL
+$$;
+
+-- Reliability of every site over the `span` before sitelink_as_of(): its
+-- connection's figures, when it has one, and what its gateways sent. A plain
+-- SQL function, so the planner inlines it: EXPLAIN shows the real plan and a
+-- WHERE on a site computes that site alone.
 CREATE FUNCTION site_reliability(span interval)
 RETURNS TABLE (
     site_id bigint, site text, connection_id bigint, is_active boolean, status text,
@@ -97,81 +152,29 @@ RETURNS TABLE (
     last_data_at timestamptz, since_last_data interval,
     readings bigint, readings_per_minute numeric)
 LANGUAGE sql STABLE AS $$
-WITH bounds AS (
+WITH b AS MATERIALIZED (  -- once, not per row
     SELECT sitelink_as_of() - sitelink_positive_interval(span, 'the window') AS ws, sitelink_as_of() AS we
-), history AS (
-    -- per connection: the row in force at the window's start, and the rows inside it
-    SELECT c.id AS connection_id, h.id, h.since, h.status, h.is_active
-    FROM mqtt_connection c CROSS JOIN bounds b
-    CROSS JOIN LATERAL (
-        (SELECT x.id, x.since, x.status, x.is_active FROM mqtt_status_history x
-          WHERE x.connection_id = c.id AND x.since <= b.ws
-          ORDER BY x.since DESC, x.id DESC LIMIT 1)
-        UNION ALL
-        (SELECT x.id, x.since, x.status, x.is_active FROM mqtt_status_history x
-          WHERE x.connection_id = c.id AND x.since > b.ws AND x.since <= b.we)
-    ) h
-), spells AS (
-    -- each row lasts until the next one (the last until the window's end)
-    SELECT h.connection_id, h.id, h.since, h.status, h.is_active,
-           greatest(h.since, b.ws) AS starts,
-           coalesce(lead(h.since) OVER w, b.we) AS ends,
-           h.is_active AND h.status <> 'connected' AS down,
-           coalesce(h.is_active AND h.status <> 'connected'
-                    AND lag(h.status) OVER w = 'connected' AND lag(h.is_active) OVER w, false) AS is_drop,
-           coalesce(lead(h.status) OVER w = 'connected' AND lead(h.is_active) OVER w, false) AS recovers
-    FROM history h CROSS JOIN bounds b
-    WINDOW w AS (PARTITION BY h.connection_id ORDER BY h.since, h.id)
-), numbered AS (
-    -- consecutive down spells share a number: one outage
-    SELECT s.*, count(*) FILTER (WHERE NOT s.down)
-                    OVER (PARTITION BY s.connection_id ORDER BY s.since, s.id) AS outage_no
-    FROM spells s
-), outages AS (
-    SELECT n.connection_id, sum(n.ends - n.starts) AS length, bool_or(n.recovers) AS recovered
-    FROM numbered n WHERE n.down
-    GROUP BY n.connection_id, n.outage_no
-), per_connection AS (
-    SELECT s.connection_id,
-           coalesce(sum(s.ends - s.starts) FILTER (WHERE s.is_active), interval '0') AS active_time,
-           coalesce(sum(s.ends - s.starts) FILTER (WHERE s.is_active AND s.status = 'connected'),
-                    interval '0') AS connected_time,
-           count(*) FILTER (WHERE s.is_drop) AS drops
-    FROM spells s GROUP BY s.connection_id
-), per_outage AS (
-    SELECT o.connection_id, count(*) FILTER (WHERE o.recovered) AS recoveries,
-           avg(o.length) FILTER (WHERE o.recovered) AS mttr, max(o.length) AS longest_outage
-    FROM outages o GROUP BY o.connection_id
-), data AS (
+)
+SELECT s.id, s.name, c.id, c.is_active, c.status, b.ws, b.we,
+       f.active_time, f.connected_time, f.uptime_pct, f.drops, f.recoveries, f.mttr, f.longest_outage,
+       heard.last_data_at, sitelink_whole_seconds(b.we - heard.last_data_at),
+       data.readings, round(data.readings / (extract(epoch FROM b.we - b.ws) / 60), 2)
+FROM site s CROSS JOIN b
+LEFT JOIN mqtt_connection c ON c.site_id = s.id
+LEFT JOIN LATERAL connection_reliability(c.id, b.ws, b.we) f ON c.id IS NOT NULL
+LEFT JOIN LATERAL (
+    SELECT max(g.last_seen_at) AS last_data_at FROM gateway g WHERE g.site_id = s.id
+) heard ON true
+LEFT JOIN LATERAL (
     -- each sensor's readings in the window, through reading's primary key
-    SELECT g.site_id, sum(n.readings)::bigint AS readings
-    FROM gateway g JOIN sensor se ON se.gateway_id = g.id CROSS JOIN bounds b
+    SELECT coalesce(sum(n.readings), 0)::bigint AS readings
+    FROM gateway g JOIN sensor se ON se.gateway_id = g.id
     CROSS JOIN LATERAL (
         SELECT count(*) AS readings FROM reading r
         WHERE r.sensor_id = se.id AND r.ts > b.ws AND r.ts <= b.we
     ) n
-    GROUP BY g.site_id
-), heard AS (
-    SELECT g.site_id, max(g.last_seen_at) AS last_data_at FROM gateway g GROUP BY g.site_id
-)
-SELECT s.id, s.name, c.id, c.is_active, c.status, b.ws, b.we,
-       date_trunc('second', pc.active_time),
-       date_trunc('second', pc.connected_time),
-       round(100 * extract(epoch FROM pc.connected_time) / nullif(extract(epoch FROM pc.active_time), 0), 2),
-       CASE WHEN c.id IS NOT NULL THEN coalesce(pc.drops, 0) END,
-       CASE WHEN c.id IS NOT NULL THEN coalesce(po.recoveries, 0) END,
-       date_trunc('second', po.mttr),
-       CASE WHEN c.id IS NOT NULL THEN date_trunc('second', coalesce(po.longest_outage, interval '0')) END,
-       hd.last_data_at,
-       date_trunc('second', b.we - hd.last_data_at),
-       coalesce(d.readings, 0),
-       round(coalesce(d.readings, 0) / (extract(epoch FROM b.we - b.ws) / 60), 2)
-FROM site s CROSS JOIN bounds b
-LEFT JOIN mqtt_connection c ON c.site_id = s.id
-LEFT JOIN per_connection pc ON pc.connection_id = c.id
-LEFT JOIN per_outage po ON po.connection_id = c.id
-LEFT JOIN data d ON d.site_id = s.id
-LEFT JOIN heard hd ON hd.site_id = s.id
+    WHERE g.site_id = s.id
+) data ON true
 ORDER BY s.id
 $$;
 
@@ -189,7 +192,7 @@ RETURNS TABLE (
     last_data_at timestamptz, silent_for interval, paused_since timestamptz)
 LANGUAGE sql STABLE AS $$
 SELECT s.id, s.name, c.id, c.last_connected_at, hd.last_data_at,
-       date_trunc('second', sitelink_as_of() - quiet.since), c.paused_since
+       sitelink_whole_seconds(sitelink_as_of() - quiet.since), c.paused_since
 FROM mqtt_connection c
 JOIN site s ON s.id = c.site_id
 CROSS JOIN LATERAL (SELECT max(g.last_seen_at) AS last_data_at FROM gateway g WHERE g.site_id = c.site_id) hd
