@@ -5,15 +5,15 @@
 -- until the next row of the same connection, the connection was in `status`
 -- and `is_active` was as given. Written by a trigger on mqtt_connection, so
 -- the history follows whoever writes the row. About 170 bytes a row with its
--- indexes; a connection that reconnects writes two or three rows, one that
+-- indexes; a drop and its reconnect write three rows, a connection that
 -- keeps failing two per attempt (see the README for what a busy installation
 -- can expect).
 --
 -- Pruning (with the connection log, by age of `since`, in batches through
--- mqtt_status_history_since_idx) should keep each connection's newest row at
--- or before the cutoff: it says what the state was at the cutoff. The views
--- count nothing before a connection's oldest row, so pruning that row too
--- only shortens what they can see.
+-- mqtt_status_history_since_idx; not written yet) should keep each
+-- connection's newest row at or before the cutoff: it says what the state
+-- was at the cutoff. The views count nothing before a connection's oldest
+-- row, so pruning that row too only shortens what they can see.
 CREATE TABLE mqtt_status_history (
     id              bigserial PRIMARY KEY,
     connection_id   bigint NOT NULL REFERENCES mqtt_connection (id) ON DELETE CASCADE,
