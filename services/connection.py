@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import logging
 import os
 import select
@@ -560,14 +561,12 @@ class ConnectionChild:
                        f"payload of {size} bytes exceeds the limit of {self.settings.max_payload} bytes "
                        f"(SITELINK_MAX_PAYLOAD); its beginning is kept as the sample", payload_bytes=size)
             return
-        if not topic_ok:
-            self._fail(message, topic, "PARSE_ERROR", "the topic is not UTF-8 (shown with \\x escapes)")
+        if not topic_ok:  # replay could not give it its topic back
+            self._fail(message, topic, "PARSE_ERROR", "the topic is not UTF-8 (shown with \\x escapes)",
+                       replayable=False)
             return
         try:
-            records = self.parser(payload, topic)
-            if len(records) > limits.MAX_RECORDS:
-                raise parsers.PayloadValidationError(
-                    "$", f"{len(records)} records in one message, at most {limits.MAX_RECORDS} allowed")
+            records = parsers.parse_message(self.parser, payload, topic)
         except Exception as exc:  # a parser's bug must not stop the connection
             error_type = parsers.classify(exc)
             self._fail(message, topic, error_type, str(exc), exc)
@@ -582,19 +581,32 @@ class ConnectionChild:
                 return
 
     def _fail(self, message: mqtt.MQTTMessage, topic: str, error_type: str, error_message: str,
-              exc: BaseException | None = None, payload_bytes: int | None = None) -> None:
-        """One parsing-log row for ``message``, with the beginning of its payload."""
-        sample = bytes(message.payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES])
-        if payload_bytes is None and len(message.payload) > len(sample):
-            payload_bytes = len(message.payload)
-        self.events.send(ParseFailure(
+              exc: BaseException | None = None, payload_bytes: int | None = None, replayable: bool = True) -> None:
+        """One parsing-log row for ``message``, and its payload for the quarantine: whole
+        when it is all here and one frame can carry it (so that a fixed parser can
+        store it: ``admin replay``), else its beginning."""
+        payload = message.payload
+        whole = replayable and payload_bytes is None and len(payload) <= protocol.MAX_WHOLE_PAYLOAD_BYTES
+        if not whole:
+            if payload_bytes is None and len(payload) > protocol.MAX_PAYLOAD_SAMPLE_BYTES:
+                payload_bytes = len(payload)
+            payload = payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES]
+        failure = ParseFailure(
             connection_id=self.conn.connection_id, topic=limits.cut(topic, limits.MAX_MQTT_STRING_BYTES),
             parser_name=self.conn.parser_name, error_type=error_type,
-            error_message=limits.cut(error_message), payload=sample,
-            exception_type=type(exc).__name__ if exc is not None else "",
+            error_message=limits.cut(error_message), payload=bytes(payload), payload_bytes=payload_bytes,
+            replayable=whole, exception_type=type(exc).__name__ if exc is not None else "",
             traceback=limits.cut("".join(traceback.format_exception(exc)), limits.MAX_TRACEBACK_CHARS)
-            if exc is not None and error_type == "UNKNOWN_ERROR" else "",
-            payload_bytes=payload_bytes), defer=True)
+            if exc is not None and error_type == "UNKNOWN_ERROR" else "")
+        try:
+            self.events.send(failure, defer=True)
+        except EventTooLarge:  # cannot happen within the protocol's limits; if it does, the sample goes
+            if not whole:
+                raise
+            self.events.send(dataclasses.replace(
+                failure, payload=failure.payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES],
+                payload_bytes=len(failure.payload) if len(failure.payload) > protocol.MAX_PAYLOAD_SAMPLE_BYTES
+                else None, replayable=False), defer=True)
 
     def _ack_committed(self) -> None:
         """PUBACK (or PUBCOMP) every message whose events the logger committed."""

@@ -66,6 +66,8 @@ MAX_STREAMS = 100_000
 READ_BURST = 10_000
 #: How often the feed says when each site last sent data.
 DATA_SEEN_EVERY = 5.0
+#: Failures whose payload goes to the quarantine, for replay (a DB_ERROR is ours, not the payload's).
+QUARANTINED = frozenset({"VALIDATION_ERROR", "PARSE_ERROR", "UNKNOWN_ERROR"})
 
 
 # --------------------------------------------------------------------- helpers
@@ -169,6 +171,7 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
     batch, sites = _batch_context(s, batch)
     connection_logs: list[dict] = []
     parse_logs: list[dict] = []
+    quarantined: list[dict] = []
     data: list[tuple[Envelope, Data]] = []
     for env in batch:
         if isinstance(env, Invalid):
@@ -185,11 +188,17 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
                 broker_host=_pg(ev.broker_host), retry_attempt=ev.retry_attempt))
             out.connection_lines.append((ev.level, f"[connection {ev.connection_id}] {ev.message}"))
         elif isinstance(ev, ParseFailure):
-            parse_logs.append(dict(
+            row = dict(
                 connection_id=ev.connection_id, at=at, topic=_pg(ev.topic), parser_name=_pg(ev.parser_name),
                 error_type=ev.error_type, error_message=_pg(ev.error_message),
                 exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback),
-                payload_sample=payload_sample(ev.payload, total_bytes=ev.payload_bytes)))
+                payload_sample=payload_sample(ev.payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES],
+                                              total_bytes=ev.payload_bytes or len(ev.payload)))
+            if ev.error_type in QUARANTINED:
+                quarantined.append({**row, "payload": ev.payload, "replayable": ev.replayable,
+                                    "payload_bytes": ev.payload_bytes or len(ev.payload)})
+            else:
+                parse_logs.append(row)
             out.parsing_lines.append(("ERROR", f"[connection {ev.connection_id}] [{ev.error_type}] "
                                                f"{ev.topic}: {ev.error_message}"))
         elif isinstance(ev, Data):
@@ -211,6 +220,8 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
         s.many("parsing_log_insert", parse_logs)
+    if quarantined:
+        s.many("parse_failure_insert", quarantined)
     if data:
         _write_data(s, data, out, sites)
     return out
@@ -376,8 +387,8 @@ def _announce(out: Outcome, kind: str, rows: list[dict], sites: Sites) -> None:
 
 def _describe_event(env: Envelope) -> str:
     body = asdict(env.event)
-    if isinstance(body.get("payload"), bytes):
-        body["payload"] = body["payload"].decode("utf-8", errors="backslashreplace")
+    if isinstance(body.get("payload"), bytes):  # its beginning: what a parsing-log sample can show
+        body["payload"] = body["payload"][:protocol.MAX_PAYLOAD_SAMPLE_BYTES].decode("utf-8", errors="backslashreplace")
     return json.dumps({"kind": env.event.KIND, "sender": env.sender, "seq": env.seq, **body},
                       default=str)
 

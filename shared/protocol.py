@@ -40,8 +40,13 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_BATCH_EVENTS = 10_000
 #: The largest message a sender reads from the logger (acks, refusals).
 MAX_REPLY_BYTES = 256 * 1024
-#: How much of a payload that failed to parse travels to the logger.
+#: How much of a payload that failed to parse travels to the logger when it
+#: does not travel whole (see ``ParseFailure``).
 MAX_PAYLOAD_SAMPLE_BYTES = 64 * 1024
+#: The largest payload a ``ParseFailure`` carries whole (for the quarantine
+#: and replay): a frame's limit less room for every other field of the event
+#: at its largest (topic, message, traceback in 4-byte characters: ~600 KB).
+MAX_WHOLE_PAYLOAD_BYTES = MAX_FRAME_BYTES - 1024 * 1024
 #: Refusals listed in one ack, and the length of each reason.
 MAX_REFUSALS_PER_ACK = 100
 MAX_REASON_CHARS = 300
@@ -200,7 +205,14 @@ class ConnectionLog:
 
 @dataclass(frozen=True)
 class ParseFailure:
-    """A payload the connection's parser rejected (or that could not be parsed at all)."""
+    """A payload the connection's parser rejected (or that could not be parsed at all).
+
+    ``payload`` is the payload itself, once: whole and ``replayable`` when
+    parsing it again could give another answer (the logger quarantines it for
+    ``admin replay`` and cuts the parsing log's sample from it), otherwise a
+    sample of at most ``MAX_PAYLOAD_SAMPLE_BYTES`` (with ``payload_bytes``
+    when that is only its beginning).
+    """
 
     KIND: typing.ClassVar[str] = "parsefail"
     connection_id: int = _checked(_ID)
@@ -208,14 +220,27 @@ class ParseFailure:
     parser_name: str = _checked(_SHORT)
     error_type: str = _checked(_one_of(ERROR_TYPES))  # VALIDATION_ERROR | PARSE_ERROR | UNKNOWN_ERROR
     error_message: str = _checked(_MESSAGE)
-    payload: bytes = _checked(_bytes_at_most(MAX_PAYLOAD_SAMPLE_BYTES))
+    payload: bytes = _checked(_bytes_at_most(MAX_WHOLE_PAYLOAD_BYTES))
     exception_type: str = _checked(_SHORT, default="")
     traceback: str = _checked(_TRACEBACK, default="")
     #: The payload's size, when ``payload`` holds only its beginning.
     payload_bytes: int | None = _checked(_optional(_COUNT), default=None)
+    #: ``payload`` is the whole payload, received on a valid topic.
+    replayable: bool = False
 
     def __post_init__(self) -> None:
         _refuse_bad_fields(self)
+
+    def inconsistency(self) -> str | None:
+        """What no real child sends: fields that are each valid but contradict each other."""
+        if self.replayable and self.payload_bytes is not None:
+            return "a replayable payload is whole: 'payload_bytes' is only for a cut one"
+        if not self.replayable and len(self.payload) > MAX_PAYLOAD_SAMPLE_BYTES:
+            return (f"a payload that is not replayable is a sample of at most {MAX_PAYLOAD_SAMPLE_BYTES} bytes, "
+                    f"not {len(self.payload)}")
+        if self.payload_bytes is not None and self.payload_bytes < len(self.payload):
+            return f"'payload_bytes' ({self.payload_bytes}) is less than the {len(self.payload)} bytes that came"
+        return None
 
 
 @dataclass(frozen=True)
@@ -602,7 +627,16 @@ def _build(cls: type, body: dict) -> Any:
     if len(kwargs) != len(body):
         unknown = [str(k)[:40] for k in set(body) - set(kwargs)][:5]
         raise ProtocolError(f"{cls.KIND}: unknown fields {sorted(unknown)}")
-    return cls(**kwargs)
+    event = cls(**kwargs)
+    problem = _inconsistency(event)
+    if problem:
+        raise ProtocolError(f"{cls.KIND}: {problem}")
+    return event
+
+
+def _inconsistency(event: Any) -> str | None:
+    check = getattr(event, "inconsistency", None)
+    return check() if check is not None else None
 
 
 def _refuse_bad_fields(event: Any) -> None:
@@ -627,7 +661,7 @@ def problem(event: Event) -> str | None:
             found = check(value)
             if found:
                 return f"field {name!r} {found}"
-    return None
+    return _inconsistency(event)
 
 
 # --- settings handed from the monitor to a child -----------------------------

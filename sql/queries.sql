@@ -262,6 +262,26 @@ SELECT c.site_id, c.id, %(at)s, %(topic)s, %(parser_name)s, %(error_type)s, %(er
 FROM mqtt_connection c
 WHERE c.id = %(connection_id)s;
 
+-- name: parse_failure_insert
+-- A payload that failed to parse: its parsing-log row and, linked to it, the
+-- payload itself in the quarantine (for replay).
+WITH log AS (
+    INSERT INTO mqtt_parsing_log
+        (site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
+         exception_type, exception_traceback, payload_sample)
+    SELECT c.site_id, c.id, %(at)s, %(topic)s, %(parser_name)s, %(error_type)s, %(error_message)s,
+           %(exception_type)s, %(traceback)s, %(payload_sample)s
+    FROM mqtt_connection c
+    WHERE c.id = %(connection_id)s
+    RETURNING id, site_id, connection_id, timestamp, topic, parser_name, error_type, error_message
+)
+INSERT INTO mqtt_quarantine
+    (parsing_log_id, site_id, connection_id, received_at, topic, parser_name, error_type, error_message,
+     payload, payload_bytes, replayable)
+SELECT id, site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
+       %(payload)s, %(payload_bytes)s, %(replayable)s
+FROM log;
+
 -- Devices: registered on first sight, last_seen_at moved forward, marked
 -- online again. The "before" CTE sees the rows as they were before this
 -- statement, so came_online tells an offline device that reported again.

@@ -97,6 +97,13 @@ def envelopes(cid: int, other: int) -> list[tuple[str, dict, bool]]:
         ("payload sample too big", d(kind="parsefail", body={
             **parsefail, "payload": b"x" * (protocol.MAX_PAYLOAD_SAMPLE_BYTES + 1)}), True),
         ("payload as text", d(kind="parsefail", body={**parsefail, "payload": "text"}), True),
+        ("whole payload beyond what a frame carries", d(kind="parsefail", body={
+            **parsefail, "replayable": True, "payload": b"x" * (protocol.MAX_WHOLE_PAYLOAD_BYTES + 1)}), True),
+        ("a cut payload offered for replay", d(kind="parsefail", body={
+            **parsefail, "replayable": True, "payload_bytes": 10}), True),
+        ("payload size below what came", d(kind="parsefail", body={
+            **parsefail, "payload": b"xyz", "payload_bytes": 2}), True),
+        ("replayable not a bool", d(kind="parsefail", body={**parsefail, "replayable": 1}), True),
     ]
 
 

@@ -151,13 +151,19 @@ def test_hostile_payloads_become_rows_and_the_connection_keeps_running(stack, br
         traffic.close()
         publisher.close()
     by_topic = {r["topic"].rsplit("/", 1)[1]: r for r in rows}
+    quarantine = {r["parsing_log_id"]: r for r in stack.sql.rows("SELECT * FROM mqtt_quarantine")}
     for name, payload, error_type in HOSTILE_PAYLOADS:
         row = by_topic[name.replace(" ", "-")]
         assert row["error_type"] == error_type, (name, row["error_message"])
         assert row["payload_sample"] is not None and row["error_message"].isprintable()
+        kept = quarantine[row["id"]]
+        assert (kept["topic"], kept["error_type"], kept["payload_bytes"]) == (row["topic"], error_type, len(payload))
         if len(payload) > PAYLOAD_LIMIT:
             assert row["payload_sample"]["bytes"] == len(payload) and row["payload_sample"]["truncated"]
             assert "SITELINK_MAX_PAYLOAD" in row["error_message"]
+            assert not kept["replayable"] and payload.startswith(kept["payload"])  # its beginning (up to 64 KiB)
+        else:  # kept whole, byte for byte, for a replay
+            assert kept["replayable"] and kept["payload"] == payload, name
     assert len(one_line_log(stack.log_dir / "mqtt_parsing.log")) == len(rows)
 
 

@@ -8,7 +8,7 @@ import time
 import msgpack
 import pytest
 
-from shared import protocol
+from shared import limits, protocol
 from shared.connections import ConnectionSettings
 from shared.protocol import (Ack, Batch, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid,
                              MonitorCycle, ParseFailure, ProtocolError, Refusal, StatusChange)
@@ -22,6 +22,8 @@ CHILD_EVENTS = [
     ConnectionLog(connection_id=1, level="WARNING", message="hello"),
     ParseFailure(connection_id=1, topic="t", parser_name="json", error_type="PARSE_ERROR",
                  error_message="bad", payload=b"\x00\xff", payload_bytes=10),
+    ParseFailure(connection_id=1, topic="t", parser_name="json", error_type="VALIDATION_ERROR",
+                 error_message="bad", payload=b"[1]" * 100_000, replayable=True),
     Data(connection_id=1, topic="t", gateway="GW", ts=NOW - 60, datalogger=None, sensors={"S": {"t": 1.0}}),
     Flow(connection_id=1, paused=True, unacked=1000),
 ]
@@ -50,6 +52,20 @@ def test_batch_round_trips_and_is_the_frame_of_its_packed_envelopes():
     assert protocol.decode(frame) == Batch(envs)
     with pytest.raises(ProtocolError, match="batch"):
         protocol.decode(msgpack.packb({"v": protocol.VERSION, "k": "batch", "e": []}))
+
+
+def test_a_whole_payload_fits_one_frame_beside_every_other_field_at_its_largest():
+    wide = "\U0001f600"  # four bytes in UTF-8
+    event = ParseFailure(connection_id=limits.INT64_MAX, topic=wide * limits.MAX_MQTT_STRING_BYTES,
+                         parser_name=wide * 256, error_type="UNKNOWN_ERROR", error_message=wide * limits.MAX_TEXT_CHARS,
+                         payload=b"\xff" * protocol.MAX_WHOLE_PAYLOAD_BYTES, exception_type=wide * 256,
+                         traceback=wide * limits.MAX_TRACEBACK_CHARS, replayable=True)
+    assert protocol.problem(event) is None
+    env = Envelope(sender=f"conn:{limits.INT64_MAX}", incarnation="x" * 64, seq=limits.INT64_MAX,
+                   floor=limits.INT64_MAX - 1, ts=NOW, event=event)
+    frame = protocol.pack_envelope(env)
+    assert len(frame) + protocol.FRAME_OVERHEAD <= protocol.MAX_FRAME_BYTES
+    assert protocol.decode_events(frame) == [env]
 
 
 def test_ack_and_refusal_round_trip():

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared import limits
+
 
 class PayloadError(Exception):
     error_type = "UNKNOWN_ERROR"
@@ -69,6 +71,19 @@ def get(name: str) -> Parser:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def parse_message(parser: Parser, payload: bytes, topic: str) -> list[Record]:
+    """``parser``'s records of one message, within the limit of records per message.
+
+    The child and ``admin replay`` both parse through here, so a replayed
+    payload is held to the rules a live one is.
+    """
+    records = parser(payload, topic)
+    if len(records) > limits.MAX_RECORDS:
+        raise PayloadValidationError(
+            "$", f"{len(records)} records in one message, at most {limits.MAX_RECORDS} allowed")
+    return records
 
 
 def classify(exc: BaseException) -> str:
