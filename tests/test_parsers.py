@@ -129,3 +129,34 @@ def test_sensors_and_metrics_per_message_are_bounded(sensors, field):
     with pytest.raises(PayloadValidationError) as err:
         parse(payload(sensors=sensors), "t")
     assert err.value.field.startswith(field)
+
+
+# --- json-batch: the documented object, or an array of them ---------------------------
+
+batch = parsers.get("json-batch")
+
+
+def test_json_batch_takes_one_object_or_an_array_of_them():
+    assert batch(payload(), "t") == parse(payload(), "t")
+    second = {**GOOD, "ts": "2026-11-28T10:01:00Z", "sensors": {"S-1": {"temperature": 21.5}}}
+    records = batch(json.dumps([GOOD, second]).encode(), "t")
+    assert [r.ts for r in records] == [1795860000.0, 1795860060.0]
+    assert records[1].sensors == {"S-1": {"temperature": 21.5}}
+
+
+@pytest.mark.parametrize("doc, error, where", [
+    ([], PayloadValidationError, "$"),
+    ([GOOD, {**GOOD, "ts": "yesterday"}], PayloadValidationError, "[1].ts"),
+    ([GOOD, 5], PayloadValidationError, "[1]"),
+    ([GOOD] * (limits.MAX_RECORDS + 1), PayloadValidationError, "$"),
+    ("text", PayloadValidationError, "$"),
+])
+def test_json_batch_holds_each_record_to_the_json_rules(doc, error, where):
+    with pytest.raises(error) as err:
+        batch(json.dumps(doc).encode(), "t")
+    assert err.value.field == where
+
+
+def test_json_batch_is_no_json_at_all_a_parse_error():
+    with pytest.raises(PayloadParseError):
+        batch(b"[{", "t")

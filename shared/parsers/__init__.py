@@ -33,6 +33,7 @@ class PayloadValidationError(PayloadError):
     def __init__(self, field_name: str, problem: str):
         super().__init__(f"{field_name}: {problem}")
         self.field = field_name
+        self.problem = problem
 
 
 class UnknownParser(LookupError):

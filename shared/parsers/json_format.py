@@ -1,7 +1,10 @@
-"""The default parser, ``json``.
+"""The default parser, ``json``, and ``json-batch``.
 
     {"gateway": "GW-01", "datalogger": "DL-07", "ts": "2026-11-28T10:00:00Z",
      "sensors": {"S-1": {"temperature": 21.4, "humidity": 40.2}}}
+
+``json-batch`` takes that object too, or an array of them (a gateway that
+sends what it buffered in one message), each held to the same rules.
 
 ``datalogger`` and ``sensors`` may be absent (a gateway heartbeat). ``ts`` is
 ISO-8601 with a zone, or epoch seconds. Values are finite numbers. Names are
@@ -32,20 +35,45 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once, not 
 
 @register("json")
 def parse(payload: bytes, topic: str) -> list[Record]:
+    return [_record(_decode(payload))]
+
+
+@register("json-batch")
+def parse_batch(payload: bytes, topic: str) -> list[Record]:
+    doc = _decode(payload)
+    if not isinstance(doc, list):
+        return [_record(doc)]
+    if not doc:
+        raise PayloadValidationError("$", "expected at least one record, got an empty array")
+    if len(doc) > limits.MAX_RECORDS:
+        raise PayloadValidationError("$", f"{len(doc)} records in one message, at most {limits.MAX_RECORDS} allowed")
+    records = []
+    for n, item in enumerate(doc):
+        try:
+            records.append(_record(item))
+        except PayloadValidationError as exc:
+            where = f"[{n}]" if exc.field == "$" else f"[{n}].{exc.field}"
+            raise PayloadValidationError(where, exc.problem) from None
+    return records
+
+
+def _decode(payload: bytes) -> object:
     try:
-        doc = _DECODER.decode(payload.decode("utf-8"))
+        return _DECODER.decode(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise PayloadParseError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except (ValueError, RecursionError) as exc:
         raise PayloadParseError(f"payload is not JSON: {exc}") from None
+
+
+def _record(doc: object) -> Record:
     if not isinstance(doc, dict):
         raise PayloadValidationError("$", f"expected a JSON object, got {_json_type(doc)}")
-
     gateway = _identifier(doc, "gateway", required=True)
     datalogger = _identifier(doc, "datalogger", required=False)
     ts = _timestamp(doc.get("ts"))
     sensors = _sensors(doc.get("sensors"))
-    return [Record(gateway=gateway, datalogger=datalogger, ts=ts, sensors=sensors)]
+    return Record(gateway=gateway, datalogger=datalogger, ts=ts, sensors=sensors)
 
 
 def _json_type(value: object) -> str:
