@@ -7,6 +7,7 @@
     python -m services.admin psql        psql on the database in use, no secret in its argv (make psql)
     python -m services.admin dburl       print the database URL in use
     python -m services.admin settings    list every SITELINK_* setting and its default
+    python -m services.admin replay      parse quarantined payloads again, store what now parses
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from datetime import datetime
 
 from psycopg import ProgrammingError, conninfo
 
-from shared import config, db, embedded, feed
+from services import replay
+from shared import config, db, embedded, feed, protocol
 from shared.signals import SignalPipe
 
 DEMO_SITES = ("alpine-hut", "harbour-pump", "vineyard-north")
@@ -165,6 +167,15 @@ def psql(settings: config.Settings, args: list[str]) -> int:
         return 1
 
 
+def _when(text: str) -> datetime:
+    """An ISO-8601 time for a filter; without a zone, this host's local time."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-28T10:00:00Z)") from None
+    return when if when.tzinfo is not None else when.astimezone()
+
+
 def show_settings() -> int:
     for name, default, doc in config.documentation():
         print(f"{name:<36} {default:<28} {doc}")
@@ -188,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="more arguments for psql")
     sub.add_parser("dburl", help="print the database URL")
     sub.add_parser("settings", help="list every setting")
+    r = sub.add_parser("replay", help="parse quarantined payloads again with their connection's current "
+                                      "parser; store what now parses, once",
+                       description="Parse the quarantined payloads that match again, with the parser their "
+                                   "site's connection has now; store what parses (once: a payload stored by "
+                                   "a replay is not replayed again) and report what still fails.")
+    r.add_argument("--site", help="a site's name or id")
+    r.add_argument("--since", type=_when, help="received at or after this ISO-8601 time (no zone: local time)")
+    r.add_argument("--until", type=_when, help="received before this ISO-8601 time")
+    r.add_argument("--error-type", action="append", default=[], dest="error_types",
+                   choices=[t for t in protocol.ERROR_TYPES if t != "DB_ERROR"],
+                   help="only payloads that failed so (repeat for several)")
+    r.add_argument("--dry-run", action="store_true", help="parse and report, store nothing, mark nothing")
     args = parser.parse_args(argv)
     try:
         settings = config.load()
@@ -205,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             return watch(settings, args.topic, args.feed, args.snapshot, args.seconds)
         if args.command == "psql":
             return psql(settings, args.psql_args)
+        if args.command == "replay":
+            return replay.replay(settings, replay.Filters(args.site, args.since, args.until,
+                                                          tuple(args.error_types)), args.dry_run)
         if args.command == "dburl":
             print(settings.database_url)
             return 0

@@ -283,8 +283,10 @@ SELECT id, site_id, connection_id, timestamp, topic, parser_name, error_type, er
 FROM log;
 
 -- Devices: registered on first sight, last_seen_at moved forward, marked
--- online again. The "before" CTE sees the rows as they were before this
--- statement, so came_online tells an offline device that reported again.
+-- online again by a report at least as recent as the last one (a replay of
+-- old payloads brings no device back online). The "before" CTE sees the rows
+-- as they were before this statement, so came_online tells an offline device
+-- that reported again.
 
 -- name: upsert_gateways
 WITH input AS (
@@ -298,11 +300,12 @@ WITH input AS (
     INSERT INTO gateway AS g (site_id, name, first_seen_at, last_seen_at)
     SELECT site_id, name, seen, seen FROM input
     ON CONFLICT (site_id, name) DO UPDATE
-        SET last_seen_at = greatest(g.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING g.id, g.site_id, g.name
+        SET last_seen_at = greatest(g.last_seen_at, EXCLUDED.last_seen_at),
+            is_online = g.is_online OR EXCLUDED.last_seen_at >= g.last_seen_at
+    RETURNING g.is_online, g.id, g.site_id, g.name
 )
 SELECT up.id, up.site_id, up.name, i.connection_id,
-       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN input i USING (site_id, name) LEFT JOIN before b ON b.id = up.id;
 
 -- name: upsert_dataloggers
@@ -315,11 +318,12 @@ WITH input AS (
     INSERT INTO datalogger AS d (gateway_id, name, first_seen_at, last_seen_at)
     SELECT gateway_id, name, seen, seen FROM input
     ON CONFLICT (gateway_id, name) DO UPDATE
-        SET last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING d.id, d.gateway_id, d.name
+        SET last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at),
+            is_online = d.is_online OR EXCLUDED.last_seen_at >= d.last_seen_at
+    RETURNING d.is_online, d.id, d.gateway_id, d.name
 )
 SELECT up.id, up.gateway_id, up.name, g.site_id,
-       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
 -- name: upsert_sensors
@@ -335,11 +339,12 @@ WITH input AS (
     INSERT INTO sensor AS s (gateway_id, datalogger_id, name, first_seen_at, last_seen_at)
     SELECT gateway_id, datalogger_id, name, seen, seen FROM input
     ON CONFLICT ON CONSTRAINT sensor_parent_name_key DO UPDATE
-        SET last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING s.id, s.gateway_id, s.datalogger_id, s.name
+        SET last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at),
+            is_online = s.is_online OR EXCLUDED.last_seen_at >= s.last_seen_at
+    RETURNING s.is_online, s.id, s.gateway_id, s.datalogger_id, s.name
 )
 SELECT up.id, up.gateway_id, up.datalogger_id, up.name, g.site_id,
-       b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
+       b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
 -- name: insert_readings
@@ -362,6 +367,62 @@ ON CONFLICT (sender, incarnation) DO UPDATE
 
 -- name: stream_forget
 DELETE FROM sitelink_stream WHERE updated_at < now() - make_interval(secs => %(after)s);
+
+-- ------------------------------------------------------------------- replay
+-- The quarantine parsed again (services/replay.py). Filters: see
+-- mqtt_quarantine_matching (migration 0008).
+
+-- name: site_by_name_or_id
+SELECT id, name, name = %(name)s AS by_name FROM site
+WHERE name = %(name)s OR id = %(id)s
+ORDER BY by_name DESC;
+
+-- name: quarantine_replay_summary
+SELECT q.site_id, s.name AS site,
+       count(*) FILTER (WHERE q.replay_outcome = 'stored') AS already_stored,
+       count(*) FILTER (WHERE NOT q.replayable) AS not_replayable,
+       count(*) FILTER (WHERE q.replayable AND q.replay_outcome IS DISTINCT FROM 'stored') AS to_replay
+FROM mqtt_quarantine_matching(%(site_id)s, %(since)s, %(until)s, %(error_types)s) q
+JOIN site s ON s.id = q.site_id
+GROUP BY q.site_id, s.name
+ORDER BY q.site_id;
+
+-- name: quarantine_not_replayable
+SELECT q.id, s.name AS site, q.received_at, q.topic, q.error_type, q.error_message, q.payload_bytes,
+       octet_length(q.payload) AS kept_bytes
+FROM mqtt_quarantine_matching(%(site_id)s, %(since)s, %(until)s, %(error_types)s) q
+JOIN site s ON s.id = q.site_id
+WHERE NOT q.replayable
+ORDER BY q.id
+LIMIT %(limit)s;
+
+-- name: quarantine_replay_next
+-- The next payloads to parse again (ids and sizes only: the caller sizes its batch).
+SELECT q.id, octet_length(q.payload) AS bytes
+FROM mqtt_quarantine_matching(%(site_id)s, %(since)s, %(until)s, %(error_types)s) q
+WHERE q.replayable AND q.replay_outcome IS DISTINCT FROM 'stored' AND q.id > %(after)s
+ORDER BY q.id
+LIMIT %(limit)s;
+
+-- name: quarantine_replay_take
+-- Those payloads, locked for this replay (a replay running at the same time
+-- skips them), with the parser their site's connection has now.
+SELECT q.id, q.site_id, s.name AS site, q.received_at, q.topic, q.payload, q.error_type, q.error_message,
+       c.id AS connection_id, c.parser_name
+FROM mqtt_quarantine q
+JOIN site s ON s.id = q.site_id
+LEFT JOIN mqtt_connection c ON c.site_id = q.site_id
+WHERE q.id = ANY(%(ids)s) AND q.replayable AND q.replay_outcome IS DISTINCT FROM 'stored'
+ORDER BY q.id
+FOR UPDATE OF q SKIP LOCKED;
+
+-- name: quarantine_mark_replayed
+UPDATE mqtt_quarantine q
+SET replayed_at = now(), replay_outcome = u.outcome, replay_parser = u.parser, replay_records = u.records,
+    replay_error_type = u.error_type, replay_error = u.error
+FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[], %(parsers)s::text[], %(records)s::integer[],
+            %(error_types)s::text[], %(errors)s::text[]) AS u(id, outcome, parser, records, error_type, error)
+WHERE q.id = u.id;
 
 -- -------------------------------------------------------------------- admin
 

@@ -38,3 +38,16 @@ CREATE TABLE mqtt_quarantine (
 -- replay's filters (a site, a time range) and the retention's age
 CREATE INDEX mqtt_quarantine_site_received_idx ON mqtt_quarantine (site_id, received_at);
 CREATE INDEX mqtt_quarantine_received_idx ON mqtt_quarantine (received_at);
+
+-- The quarantined payloads that match replay's filters (each NULL: no
+-- filter): a site, received in [since, until), of these error types. One
+-- definition for every query of replay; a plain SQL function, so the planner
+-- inlines it.
+CREATE FUNCTION mqtt_quarantine_matching(site bigint, since timestamptz, until timestamptz, error_types text[])
+RETURNS SETOF mqtt_quarantine LANGUAGE sql STABLE AS $$
+SELECT * FROM mqtt_quarantine q
+WHERE (site IS NULL OR q.site_id = site)
+  AND (since IS NULL OR q.received_at >= since)
+  AND (until IS NULL OR q.received_at < until)
+  AND (error_types IS NULL OR q.error_type = ANY (error_types))
+$$;
