@@ -42,6 +42,7 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
+from services.retention import Retention
 from shared import backoff, config, curve, db, exitcodes, feed, logs, process, protocol, runfile
 from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid, MonitorCycle,
                              ParseFailure, Refusal, StatusChange)
@@ -470,6 +471,8 @@ class LoggerService:
         self.parsing_log = logs.channel("parsing")
         self.throttle = logs.Throttle()
         self._last_prune = time.monotonic()
+        #: Pruning by age (services/retention.py), between batches, on a connection of its own.
+        self.retention = Retention(settings)
 
     # -- loop
 
@@ -501,6 +504,8 @@ class LoggerService:
                 self._say_data_seen()
                 self.publisher.heartbeat()
                 self._prune()
+                if not self.pending and not self.db_failures:
+                    self.retention.step()
         finally:
             self._shutdown()
             signals.close()
@@ -511,7 +516,7 @@ class LoggerService:
     def _poll_timeout(self) -> float:
         now = time.monotonic()
         if not self.pending:
-            return min(1.0, feed.HEARTBEAT_EVERY)
+            return min(1.0, feed.HEARTBEAT_EVERY, self.retention.wait())
         if self.db_retry_at > now:
             return self.db_retry_at - now
         assert self.batch_started is not None
@@ -844,6 +849,7 @@ class LoggerService:
             self.gate.close()
         self.context.term()
         self.db.close()
+        self.retention.close()
 
 
 def main() -> int:

@@ -225,9 +225,11 @@ class Replay:
                 report.records += len(attempt.events)
             else:
                 report.count(row["site"], FAILED)
+                same = (attempt.error_type, attempt.error) == (row["error_type"], row["error_message"])
+                was = "as when received" if same else \
+                    f"was {row['error_type']}: {limits.printable(row['error_message'][:200])}"
                 report.note(FAILED, f"{_where(row)}: {attempt.error_type or 'cannot replay'}: "
-                                    f"{limits.printable(attempt.error or '')[:300]} "
-                                    f"(was {row['error_type']}: {limits.printable(row['error_message'][:200])})")
+                                    f"{limits.printable(attempt.error or '')[:300]} ({was})")
 
     def _replay(self, s: db.Session, rows: list[dict]) -> list[tuple[dict, Attempt]]:
         results = [(row, parse_again(row, self.settings.max_payload)) for row in rows]

@@ -107,6 +107,15 @@ def _capacity(value: str) -> int | None:
     return number
 
 
+def _days(value: str) -> float | None:
+    if value.lower() == "forever":
+        return None
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number of days, or forever")
+    return number
+
+
 def _text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -217,6 +226,27 @@ class Settings:
                                                "A datalogger not heard for this long is marked offline.")
     sensor_offline_after: float = _setting("SENSOR_OFFLINE_AFTER", 900.0, _positive_float,
                                            "A sensor not heard for this long is marked offline.")
+
+    keep_connection_log_days: float | None = _setting(
+        "KEEP_CONNECTION_LOG_DAYS", 30.0, _days,
+        "Days the connection log (mqtt_connection_log) is kept; forever: never pruned.")
+    keep_status_history_days: float | None = _setting(
+        "KEEP_STATUS_HISTORY_DAYS", 90.0, _days,
+        "Days the status history (mqtt_status_history) is kept, each connection's state at the cut "
+        "included; the reliability views need 7.")
+    keep_parsing_log_days: float | None = _setting(
+        "KEEP_PARSING_LOG_DAYS", 30.0, _days, "Days the parsing log (mqtt_parsing_log) is kept.")
+    keep_quarantine_days: float | None = _setting(
+        "KEEP_QUARANTINE_DAYS", 30.0, _days,
+        "Days a payload that failed to parse is kept for replay (mqtt_quarantine).")
+    keep_readings_days: float | None = _setting(
+        "KEEP_READINGS_DAYS", None, _days,
+        "Days readings are kept, by whole weeks (a week's partition of reading is dropped once all of it "
+        "is older); forever by default.")
+    retention_interval: float = _setting("RETENTION_INTERVAL", 300.0, _positive_float,
+                                         "Seconds between two pruning rounds of the logger.")
+    retention_batch: int = _setting("RETENTION_BATCH", 5000, _positive_int,
+                                    "Rows the logger deletes in one transaction when it prunes.")
 
     def __post_init__(self) -> None:
         # Derived defaults: computed here so they follow SITELINK_HOME.
@@ -330,5 +360,7 @@ def documentation() -> list[tuple[str, str, str]]:
             default = "ipc://<runtime dir>/events.sock"
         elif f.name == "max_connections":
             default = "unlimited"
+        elif f.metadata["parse"] is _days and default is None:
+            default = "forever"
         rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
     return rows

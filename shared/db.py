@@ -4,8 +4,9 @@ SQL text lives in ``sql/``: numbered migrations in ``sql/migrations/`` and
 named queries in ``sql/queries.sql`` (each under a ``-- name: <name>``
 header). Callers run queries by name. Driver errors are translated at this
 boundary into our own: ``DatabaseUnavailable`` (retry later, nothing is
-wrong with the data), ``DataRejected`` (this data cannot be stored as is) and
-``DatabaseError`` (anything else). Their messages are one line each, whatever
+wrong with the data), ``DataRejected`` (this data cannot be stored as is),
+``LockNotGranted`` (a lock not granted in time) and ``DatabaseError``
+(anything else). Their messages are one line each, whatever
 the driver's (psycopg's connection errors span several).
 
 A connection opened with a ``bound`` has every call on it bounded: the
@@ -54,6 +55,10 @@ class DataRejected(DatabaseError):
     """PostgreSQL refused the data (constraint, type, value): retrying will not help."""
 
 
+class LockNotGranted(DatabaseError):
+    """A lock was not granted in time (``lock_timeout``, ``NOWAIT``): try again later."""
+
+
 class SchemaBehind(DatabaseError):
     """The database lacks migrations this code needs."""
 
@@ -84,6 +89,8 @@ def translate_errors() -> Iterator[None]:
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             raise DatabaseError(_describe(exc)) from exc
         raise DataRejected(_describe(exc)) from exc
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LockNotGranted(_describe(exc)) from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise DatabaseUnavailable(_describe(exc)) from exc
     except psycopg.Error as exc:

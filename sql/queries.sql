@@ -368,6 +368,67 @@ ON CONFLICT (sender, incarnation) DO UPDATE
 -- name: stream_forget
 DELETE FROM sitelink_stream WHERE updated_at < now() - make_interval(secs => %(after)s);
 
+-- ---------------------------------------------------------------- retention
+-- Run by the logger between its batches (services/retention.py), one step
+-- per transaction: at most %(batch)s rows of a table, or one partition of
+-- reading. Ages are counted by PostgreSQL's clock, in seconds.
+
+-- name: retention_lock
+-- One logger of a fleet prunes at a time (the others skip the step).
+SELECT pg_try_advisory_xact_lock(%(key)s) AS locked;
+
+-- name: retention_lock_timeout
+SELECT set_config('lock_timeout', %(ms)s, true);
+
+-- name: prune_connection_log
+DELETE FROM mqtt_connection_log WHERE id IN (
+    SELECT id FROM mqtt_connection_log
+    WHERE timestamp < now() - make_interval(secs => %(keep)s)
+    ORDER BY timestamp LIMIT %(batch)s);
+
+-- name: prune_status_history
+-- Each connection keeps its newest row at or before the cut: it says what
+-- the state was then, and the reliability views start from it.
+DELETE FROM mqtt_status_history WHERE id IN (
+    SELECT h.id FROM mqtt_status_history h
+    WHERE h.since <= now() - make_interval(secs => %(keep)s)
+      AND EXISTS (SELECT 1 FROM mqtt_status_history n
+                  WHERE n.connection_id = h.connection_id
+                    AND n.since <= now() - make_interval(secs => %(keep)s)
+                    AND (n.since, n.id) > (h.since, h.id))
+    ORDER BY h.since LIMIT %(batch)s);
+
+-- name: prune_parsing_log
+DELETE FROM mqtt_parsing_log WHERE id IN (
+    SELECT id FROM mqtt_parsing_log
+    WHERE timestamp < now() - make_interval(secs => %(keep)s)
+    ORDER BY timestamp LIMIT %(batch)s);
+
+-- name: prune_quarantine
+DELETE FROM mqtt_quarantine WHERE id IN (
+    SELECT id FROM mqtt_quarantine
+    WHERE received_at < now() - make_interval(secs => %(keep)s)
+    ORDER BY received_at LIMIT %(batch)s);
+
+-- name: prune_reading_default
+-- Readings no partition holds (normally none), by age.
+DELETE FROM reading_default d USING (
+    SELECT sensor_id, ts FROM reading_default
+    WHERE ts < now() - make_interval(secs => %(keep)s)
+    LIMIT %(batch)s) old
+WHERE d.sensor_id = old.sensor_id AND d.ts = old.ts;
+
+-- name: reading_covered
+-- How far ahead of now the partitions of reading reach, in seconds.
+SELECT extract(epoch FROM max(to_ts) - now())::float8 AS ahead
+FROM reading_partitions WHERE NOT is_default;
+
+-- name: reading_partition_add
+SELECT reading_partition_add(now() + make_interval(secs => %(ahead)s), %(patient)s) AS partition;
+
+-- name: reading_partition_drop
+SELECT reading_partition_drop(now() - make_interval(secs => %(keep)s)) AS partition;
+
 -- ------------------------------------------------------------------- replay
 -- The quarantine parsed again (services/replay.py). Filters: see
 -- mqtt_quarantine_matching (migration 0008).

@@ -26,10 +26,21 @@ def test_values_are_typed():
     ("SITELINK_STATUS_FEED", "localhost:5556"),
     ("SITELINK_EMBEDDED_PG_PORT", "70000"),
     ("SITELINK_LOG_LEVEL", "chatty"),
+    ("SITELINK_KEEP_READINGS_DAYS", "0"),
+    ("SITELINK_KEEP_QUARANTINE_DAYS", "a month"),
 ])
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(config.ConfigError, match=name):
         config.load({name: value})
+
+
+def test_retention_is_in_days_or_forever_and_readings_are_kept_by_default():
+    s = config.load({})
+    assert (s.keep_connection_log_days, s.keep_status_history_days, s.keep_parsing_log_days,
+            s.keep_quarantine_days, s.keep_readings_days) == (30, 90, 30, 30, None)
+    s = config.load({"SITELINK_KEEP_READINGS_DAYS": "400", "SITELINK_KEEP_CONNECTION_LOG_DAYS": "Forever",
+                     "SITELINK_KEEP_QUARANTINE_DAYS": "0.5"})
+    assert (s.keep_readings_days, s.keep_connection_log_days, s.keep_quarantine_days) == (400, None, 0.5)
 
 
 def test_settings_are_frozen():

@@ -24,7 +24,9 @@ def test_every_limit_is_in_the_security_section_with_its_value():
                         ("MAX_METRICS", limits.MAX_METRICS), ("MAX_VALUES", limits.MAX_VALUES),
                         ("MAX_RECORDS", limits.MAX_RECORDS),
                         ("MAX_FRAME_BYTES", protocol.MAX_FRAME_BYTES // 2**20),
-                        ("MAX_BATCH_EVENTS", protocol.MAX_BATCH_EVENTS)]:
+                        ("MAX_BATCH_EVENTS", protocol.MAX_BATCH_EVENTS),
+                        ("MAX_WHOLE_PAYLOAD_BYTES", f"{protocol.MAX_WHOLE_PAYLOAD_BYTES // 2**20} MiB"),
+                        ("MAX_PAYLOAD_SAMPLE_BYTES", f"{protocol.MAX_PAYLOAD_SAMPLE_BYTES // 1024} KiB")]:
         assert str(value) in text, f"{name} ({value}) is not stated in README's Security and limits"
     for variable in ("SITELINK_MAX_PAYLOAD", "SITELINK_MAX_UNACKED_BYTES", "SITELINK_MAX_UNACKED",
                      "SITELINK_RUNTIME_DIR", "SITELINK_BATCH_MAX"):

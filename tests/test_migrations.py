@@ -118,3 +118,37 @@ def test_no_one_marks_a_row_exempt_from_the_rules(database_url):
             assert exc.diag.constraint_name == "mqtt_connection_password_needs_username"
         else:
             raise AssertionError("a row marked itself exempt")
+
+
+def test_an_existing_reading_table_becomes_partitioned_without_losing_a_row(pg_server):
+    """Migration 0009 on an installation with readings: every row stays, the natural
+    key and the cascade from sensor still hold, and weeks ahead have partitions."""
+    url = fresh_database(pg_server, "sitelink_partition_upgrade")
+    database = db.Database(url, "test-migrate")
+    db.migrate(database, upto=8)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO site (name) VALUES ('s')")
+        conn.execute("INSERT INTO gateway (site_id, name) SELECT id, 'g' FROM site")
+        conn.execute("INSERT INTO sensor (gateway_id, name) SELECT g.id, 'S-' || i FROM gateway g, generate_series(1, 5) i")
+        # three years back to a day ahead (the parser's limit), one an hour per sensor
+        conn.execute("INSERT INTO reading (sensor_id, ts, \"values\") SELECT s.id, "
+                     "now() + interval '1 day' - make_interval(hours => k), jsonb_build_object('k', k) "
+                     "FROM sensor s, generate_series(0, 3 * 365 * 24) k")
+        before = conn.execute("SELECT sensor_id, ts, \"values\", received_at FROM reading ORDER BY 1, 2").fetchall()
+    db.migrate(database)
+    database.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        after = conn.execute("SELECT sensor_id, ts, \"values\", received_at FROM reading ORDER BY 1, 2").fetchall()
+        assert after == before
+        assert conn.execute("SELECT relkind FROM pg_class WHERE relname = 'reading'").fetchone()[0] == "p"
+        parts = conn.execute("SELECT partition, from_ts, to_ts FROM reading_partitions WHERE NOT is_default").fetchall()
+        [(legacy, start, end)] = [p for p in parts if p[1] is None]
+        assert legacy.startswith("reading_before_") and end > max(r[1] for r in before)
+        assert conn.execute(f"SELECT count(*) FROM {legacy}").fetchone()[0] == len(before)
+        assert max(p[2] for p in parts) >= conn.execute("SELECT now() + interval '28 days'").fetchone()[0]
+        first = before[0]
+        assert conn.execute("INSERT INTO reading (sensor_id, ts, \"values\") VALUES (%s, %s, '{}') "
+                            "ON CONFLICT (sensor_id, ts) DO NOTHING", first[:2]).rowcount == 0
+        conn.execute("DELETE FROM sensor WHERE id = %s", (first[0],))
+        assert conn.execute("SELECT count(*) FROM reading").fetchone()[0] == len(before) * 4 // 5
+    pg_server.execute("DROP DATABASE sitelink_partition_upgrade WITH (FORCE)")
