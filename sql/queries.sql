@@ -373,3 +373,34 @@ WHERE c.site_id = s.id AND s.name = %(site)s
   AND c.broker_host = %(broker_host)s AND c.broker_port = %(broker_port)s
   AND (c.username IS NULL OR c.username = %(username)s)
   AND c.password IS DISTINCT FROM %(password)s;
+
+-- -------------------------------------------------------------------- the status page (services/web)
+-- Read-only: each transaction of the page starts with read_only_transaction.
+-- Nothing here selects a broker setting (the password least of all); texts
+-- are cut so that one answer stays small, whatever a row holds.
+
+-- name: read_only_transaction
+SET TRANSACTION READ ONLY;
+
+-- name: web_site
+SELECT s.id AS site_id, s.name AS site FROM site s WHERE s.id = %(site_id)s;
+
+-- name: web_connection_errors
+-- The latest warnings and errors of the site's connection (one per site).
+SELECT l.id, l.timestamp, l.level, left(l.message, %(text_max)s) AS message, l.exception_type,
+       left(l.exception_traceback, %(text_max)s) AS exception_traceback, l.broker_host, l.retry_attempt
+FROM mqtt_connection c JOIN mqtt_connection_log l ON l.connection_id = c.id
+WHERE c.site_id = %(site_id)s AND l.level IN ('WARNING', 'ERROR', 'CRITICAL')
+ORDER BY l.timestamp DESC, l.id DESC
+LIMIT %(limit)s;
+
+-- name: web_parsing_errors
+-- The latest payloads of the site that did not parse, with their samples.
+SELECT p.id, p.timestamp, left(p.topic, %(text_max)s) AS topic, p.parser_name, p.error_type,
+       left(p.error_message, %(text_max)s) AS error_message, p.exception_type,
+       left(p.exception_traceback, %(text_max)s) AS exception_traceback,
+       left(p.payload_sample::text, %(text_max)s) AS payload_sample
+FROM mqtt_parsing_log p
+WHERE p.site_id = %(site_id)s
+ORDER BY p.timestamp DESC, p.id DESC
+LIMIT %(limit)s;
