@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +63,7 @@ def page_rows(driver) -> dict[str, dict]:
         for (const tr of document.querySelectorAll('#sites tbody tr.site')) {
           const cell = (c) => tr.querySelector('.c-' + c).textContent;
           out[cell('site')] = {id: Number(tr.dataset.siteId), status: tr.querySelector('.c-status .badge').textContent,
+                               paused: tr.querySelector('.c-status .paused').offsetParent !== null,
                                active: cell('active'), errors: cell('errors'), data: cell('data'),
                                retry: cell('retry'), devices: tr.querySelector('.c-devices button').textContent};
         }
@@ -135,7 +137,8 @@ def test_inactive_site_shows_disconnected_within_a_second_and_a_new_site_appears
     stack.start("logger", "monitor")
     stack.sql.wait_status(cid, "connected")
     open_page(browser, start_web(stack))
-    wait_row(browser, "north-pier", lambda r: r["status"] == "connected" and r["active"] == "yes")
+    wait_row(browser, "north-pier", lambda r: r["status"] == "connected" and r["active"] == "yes"
+             and not r["paused"])
 
     started = time.monotonic()
     stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
@@ -246,9 +249,11 @@ def test_devices_online_and_offline_counted_and_listed_on_demand(stack, broker, 
     browser.find_element(By.CSS_SELECTOR, f'tr.site[data-site-id="{row["id"]}"] button.devices').click()
     listed = wait_for(lambda: browser.execute_script(
         f"""return [...document.querySelectorAll('tr.detail[data-site-id="{row["id"]}"] .device-list tbody tr')]
-                   .map(t => [...t.cells].slice(0, 3).map(c => c.textContent))"""), 10, "the device list")
-    assert listed == [["gateway", "GW-01", "online"], ["datalogger", "DL-1", "online"],
-                      ["sensor", "S-1", "offline"], ["sensor", "S-2", "offline"]]
+                   .map(t => [...t.cells].map(c => c.textContent))"""), 10, "the device list")
+    assert [cells[:2] for cells in listed] == [["gateway", "GW-01"], ["datalogger", "DL-1"],
+                                               ["sensor", "S-1"], ["sensor", "S-2"]]
+    assert [cells[2].split()[0].rstrip(",") for cells in listed] == ["online", "online", "offline", "offline"]
+    assert re.fullmatch(r"offline(, last seen| since) 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d", listed[2][2]), listed[2]
 
 
 # ------------------------------------------------------------ the web process alone (no browser)

@@ -118,6 +118,8 @@ class Board:
         """The devices of a site (kind, then name), at most ``limit``; and whether there were more."""
         found = sorted(self._devices.get(site_id, {}).values(),
                        key=lambda b: (DEVICE_KINDS.index(b["kind"]), str(b.get("name")), b["id"]))
+        # A snapshot says when each device was last seen; a change only when it
+        # happened (``changed_at``: when it went offline or came back).
         listed = [{"kind": b["kind"], "id": b["id"], "name": b.get("name"), "is_online": bool(b.get("is_online")),
-                   "last_seen_at": b.get("last_seen_at")} for b in found[:limit]]
+                   "last_seen_at": b.get("last_seen_at"), "changed_at": b.get("timestamp")} for b in found[:limit]]
         return listed, len(found) > limit

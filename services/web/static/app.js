@@ -259,13 +259,17 @@
     return t;
   }
 
-  function longText(text, className) {
+  // A long text folded under one line of it: ``pick`` chooses which.
+  function longText(text, className, pick) {
     if (!text) return "-";
+    const lines = String(text).split("\n").filter((line) => line.trim() !== "");
     const details = node("details", className);
-    details.appendChild(node("summary", null, String(text).split("\n", 1)[0].slice(0, 120) || "(show)"));
+    details.appendChild(node("summary", null, (pick(lines) || "(show)").slice(0, 120)));
     details.appendChild(node("pre", null, text));
     return details;
   }
+  const firstLine = (lines) => lines[0];
+  const lastLine = (lines) => lines[lines.length - 1];
 
   async function loadErrors(siteId) {
     const entry = rows.get(siteId);
@@ -289,11 +293,11 @@
     box.appendChild(data.connection_log.length === 0 ? node("p", "none", "none") :
       table("log connection-log", ["time", "level", "message", "exception", "attempt", "traceback"], data.connection_log,
             (r) => [clock(r.timestamp), r.level, r.message, r.exception_type, r.retry_attempt,
-                    longText(r.exception_traceback, "traceback")]));
+                    longText(r.exception_traceback, "traceback", lastLine)]));
     box.appendChild(node("h3", null, "parsing log"));
     box.appendChild(data.parsing_log.length === 0 ? node("p", "none", "none") :
       table("log parsing-log", ["time", "type", "topic", "message", "payload sample"], data.parsing_log,
-            (r) => [clock(r.timestamp), r.error_type, r.topic, r.error_message, longText(r.payload_sample, "sample")]));
+            (r) => [clock(r.timestamp), r.error_type, r.topic, r.error_message, longText(r.payload_sample, "sample", firstLine)]));
     td.replaceChildren(box);
   }
 
@@ -309,9 +313,12 @@
     if (entry.panel !== "devices") return;
     const box = node("div", "devices-panel");
     box.appendChild(data.devices.length === 0 ? node("p", "none", "no device has reported yet") :
-      table("device-list", ["kind", "name", "state", "last seen"], data.devices, (r) => {
-        const state = node("span", r.is_online ? "online" : "offline", r.is_online ? "online" : "offline");
-        return [r.kind, r.name, state, clock(r.last_seen_at)];
+      table("device-list", ["kind", "name", "state"], data.devices, (r) => {
+        // The feed says when a device went offline, not each time an online one reports.
+        const text = r.is_online ? "online"
+          : r.last_seen_at ? `offline, last seen ${clock(r.last_seen_at)}`
+          : r.changed_at ? `offline since ${clock(r.changed_at)}` : "offline";
+        return [r.kind, r.name, node("span", r.is_online ? "online" : "offline", text)];
       }));
     if (data.truncated) box.appendChild(node("p", "none", `the first ${data.devices.length} are listed`));
     detailCell(entry).replaceChildren(box);
