@@ -8,7 +8,7 @@
   and hands the event loop the current state, then each change.
 - ``Hub`` keeps the ``Board`` (services/web/board.py) and the browsers: a
   browser that connects gets the whole state, then only the rows that
-  changed. Every browser has a bounded queue; one that cannot keep up is
+  changed, gathered for ``FLUSH_AFTER``. Every browser has a bounded queue; one that cannot keep up is
   disconnected, reconnects by itself and takes the state again, so a slow
   browser costs memory for a few messages, never for the feed's history.
 - ``SiteErrors`` reads the latest errors of a site through ``shared.db``:
@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,9 @@ PAGE_VERSION = 1
 CLIENT_QUEUE = 200
 #: Browsers at once.
 MAX_CLIENTS = 100
+#: Changes are gathered this long and sent as one message: a busy feed costs a
+#: browser at most 1/FLUSH_AFTER messages a second, each site in it once.
+FLUSH_AFTER = 0.05
 #: The server says the time this often; a page that hears nothing for three
 #: times as long takes its socket for dead and reconnects.
 TICK_EVERY = 5.0
@@ -186,9 +190,11 @@ class Client:
         self.overflowed = False
 
     async def send_loop(self) -> None:
-        while True:
-            text = await self.queue.get()
-            await self.ws.send_str(text)
+        try:
+            while True:
+                await self.ws.send_str(await self.queue.get())
+        except (ConnectionError, RuntimeError):  # the browser went away: its handler ends it
+            await self.ws.close()
 
 
 class Hub:
@@ -198,7 +204,9 @@ class Hub:
         self.board = Board()
         self.health: dict = {"live": False, "errors": {}, "hosts": 0}
         self.clients: set[Client] = set()
-        self.changes = 0
+        self._dirty: set[int] = set()  # sites changed since the last message
+        self._health_changed = False
+        self._flush: asyncio.TimerHandle | None = None
 
     def take(self, bodies: list[dict], health: dict, full: bool) -> None:
         """What the Follower heard (on the event loop)."""
@@ -206,18 +214,29 @@ class Hub:
             self.board = Board()
             self.board.take(bodies)
             self.health = health
+            self._dirty.clear()
+            self._health_changed = False
             self.broadcast(self.state_text())
             return
-        changed = self.board.take(bodies)
-        message: dict[str, Any] = {}
-        if changed:
-            message["sites"] = self.board.rows(changed)
-            self.changes += 1
+        self._dirty |= self.board.take(bodies)
         if health != self.health:
             self.health = health
-            message["feed"] = health
-        if message:
-            self.broadcast(self._text({"type": "update", **message}))
+            self._health_changed = True
+        if (self._dirty or self._health_changed) and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
+
+    def flush(self) -> None:
+        """Send what changed since the last message: each changed site's row, the feed's health."""
+        self._flush = None
+        message: dict[str, Any] = {"type": "update"}
+        if self._dirty:
+            message["sites"] = self.board.rows(self._dirty)
+            self._dirty = set()
+        if self._health_changed:
+            message["feed"] = self.health
+            self._health_changed = False
+        if len(message) > 1:
+            self.broadcast(self._text(message))
 
     def state(self) -> dict:
         return {"type": "state", "sites": self.board.rows(), "feed": self.health}
@@ -247,6 +266,8 @@ class Hub:
             asyncio.ensure_future(client.ws.close(code=1013, message=b"too slow: reconnect"))
 
     async def close_all(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
         clients, self.clients = list(self.clients), set()
         for client in clients:
             await client.ws.close(code=1001, message=b"the status page is stopping")
@@ -356,7 +377,7 @@ def _site_id(request: web.Request) -> int:
 async def site_errors(request: web.Request) -> web.Response:
     site_id = _site_id(request)
     raw = request.query.get("limit", str(ERRORS_DEFAULT))
-    if not raw.isdigit() or not 1 <= int(raw) <= ERRORS_MAX:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= ERRORS_MAX:
         return _json_error(400, f"limit must be a whole number from 1 to {ERRORS_MAX}")
     try:
         found = await request.app[ERRORS].latest(site_id, int(raw))
@@ -451,8 +472,8 @@ def make_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/ws", websocket)
     app.router.add_get("/api/state", state)
     app.router.add_get("/api/health", health)
-    app.router.add_get(r"/api/sites/{site_id:\d{1,20}}/errors", site_errors)
-    app.router.add_get(r"/api/sites/{site_id:\d{1,20}}/devices", site_devices)
+    app.router.add_get(r"/api/sites/{site_id:[0-9]{1,19}}/errors", site_errors)
+    app.router.add_get(r"/api/sites/{site_id:[0-9]{1,19}}/devices", site_devices)
     app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
     return app
 
