@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -46,9 +45,10 @@ def http(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0)
         return exc.code, dict(exc.headers), exc.read()
 
 
-def start_web(stack, port: int | None = None) -> str:
-    """The web process of ``stack`` on a free port; returns the page's URL once its feed is live."""
-    port = port or int(stack.env.get("SITELINK_WEB_PORT") or free_port())
+def start_web(stack) -> str:
+    """The web process of ``stack`` on a free port (the same one when started again);
+    returns the page's URL once its feed is live."""
+    port = int(stack.env.get("SITELINK_WEB_PORT") or free_port())
     stack.start("web", SITELINK_WEB_PORT=str(port))
     url = f"http://127.0.0.1:{port}/"
     wait_for(lambda: http(url + "api/health")[0] == 200, 20, f"the status page to follow the feed "
@@ -91,6 +91,18 @@ def still_same_document(driver) -> bool:
     return driver.execute_script("return window.sameDocument === true")
 
 
+def site_connected_on_page(driver, stack, broker, name: str) -> tuple[int, str]:
+    """A site on the broker, the logger, the monitor and the web process; the page
+    open and showing the site connected. Returns its connection id and the page's URL."""
+    cid = stack.sql.add_site(name, port=broker.port)
+    stack.start("logger", "monitor")
+    stack.sql.wait_status(cid, "connected")
+    url = start_web(stack)
+    open_page(driver, url)
+    wait_row(driver, name, lambda r: r["status"] == "connected" and r["active"] == "yes" and not r["paused"])
+    return cid, url
+
+
 # ------------------------------------------------------------ the browser
 
 def _browser_missing() -> str | None:
@@ -101,10 +113,13 @@ def _browser_missing() -> str | None:
             f"apt-get install {' '.join(missing)} as root (make setup does)")
 
 
-#: An ordinary user without chromium skips these before any stack starts; as
-#: root (make setup installs chromium, CI runs as root) the fixture fails instead.
-needs_browser = pytest.mark.skipif(_browser_missing() is not None and os.geteuid() != 0,
-                                   reason=str(_browser_missing()))
+def browser_test(test):
+    """A test in the browser on the real stack. An ordinary user without chromium
+    skips it before any stack starts; as root (make setup installs chromium, CI
+    runs as root) the ``browser`` fixture fails instead."""
+    skip = pytest.mark.skipif(_browser_missing() is not None and os.geteuid() != 0,
+                              reason=str(_browser_missing()))
+    return skip(pytest.mark.slow(pytest.mark.integration(test)))
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +149,9 @@ def browser(tmp_path_factory) -> Iterator:
 
 # ------------------------------------------------------------ the issue's requirements
 
-@needs_browser
-@pytest.mark.slow
-@pytest.mark.integration
+@browser_test
 def test_inactive_site_shows_disconnected_within_a_second_and_a_new_site_appears(browser, stack, broker):
-    cid = stack.sql.add_site("north-pier", port=broker.port)
-    stack.start("logger", "monitor")
-    stack.sql.wait_status(cid, "connected")
-    open_page(browser, start_web(stack))
-    wait_row(browser, "north-pier", lambda r: r["status"] == "connected" and r["active"] == "yes"
-             and not r["paused"])
+    cid, _ = site_connected_on_page(browser, stack, broker, "north-pier")
 
     started = time.monotonic()
     stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
@@ -160,16 +168,9 @@ def test_inactive_site_shows_disconnected_within_a_second_and_a_new_site_appears
     assert names == sorted(names)
 
 
-@needs_browser
-@pytest.mark.slow
-@pytest.mark.integration
+@browser_test
 def test_the_page_reconnects_after_the_web_process_restarts_and_takes_the_state_again(browser, stack, broker):
-    cid = stack.sql.add_site("harbour", port=broker.port)
-    stack.start("logger", "monitor")
-    stack.sql.wait_status(cid, "connected")
-    url = start_web(stack)
-    open_page(browser, url)
-    wait_row(browser, "harbour", lambda r: r["status"] == "connected")
+    cid, _ = site_connected_on_page(browser, stack, broker, "harbour")
 
     stack.stop("web")
     wait_for(lambda: link_state(browser) in ("closed", "connecting"), 10, "the page to notice")
@@ -185,9 +186,7 @@ def test_the_page_reconnects_after_the_web_process_restarts_and_takes_the_state_
     assert still_same_document(browser), "the page was reloaded"
 
 
-@needs_browser
-@pytest.mark.slow
-@pytest.mark.integration
+@browser_test
 def test_latest_errors_of_a_site_on_a_click_and_hostile_text_stays_text(browser, stack, broker, publisher):
     dead_port = free_port()  # nothing listens there
     hostile = stack.sql.add_site(HOSTILE_NAME, port=dead_port, topics=["sites/hostile/#"],
@@ -233,9 +232,7 @@ def test_latest_errors_of_a_site_on_a_click_and_hostile_text_stays_text(browser,
         assert SECRET not in http(f"http://127.0.0.1:{port}/{path}")[2].decode()
 
 
-@needs_browser
-@pytest.mark.slow
-@pytest.mark.integration
+@browser_test
 def test_devices_online_and_offline_counted_and_listed_on_demand(browser, stack, broker, publisher):
     cid = stack.sql.add_site("alpine", port=broker.port)
     stack.start("logger", "monitor", SITELINK_SENSOR_OFFLINE_AFTER="3")
