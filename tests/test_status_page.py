@@ -9,6 +9,7 @@ the others). Without chromium they skip, saying what to install; as root
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -387,3 +388,42 @@ def test_the_board_lists_at_most_so_many_devices():
     listed, truncated = b.devices(1, limit=3)
     assert [d["kind"] for d in listed] == ["gateway", "sensor", "sensor"] and truncated
     assert b.devices(1)[1] is False and board_module.MAX_DEVICES_LISTED >= 1000
+
+
+# ------------------------------------------------------------ the hub (one event loop, fake sockets)
+
+class _FakeSocket:
+    def __init__(self) -> None:
+        self.closed_with: int | None = None
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> None:
+        self.closed_with = code
+
+
+def test_changes_go_out_gathered_and_a_browser_that_cannot_keep_up_is_dropped():
+    from services.web.app import CLIENT_QUEUE, FLUSH_AFTER, Client, Hub
+
+    async def scenario() -> tuple[Hub, list[dict], Client, _FakeSocket]:
+        hub = Hub()
+        watching, stuck = Client(_FakeSocket()), Client(_FakeSocket())
+        hub.clients |= {watching, stuck}
+        health = {"live": True, "errors": {}, "hosts": 1}
+        hub.take([_status(1, 10)], health, True)
+        for status in ("connecting", "connected", "error"):  # three changes in a burst...
+            hub.take([_status(2, 20, status)], health, False)
+        hub.take([_device(1, "gateway", 5, True)], health, False)
+        deadline = time.monotonic() + 5  # ... and the flush timer they set
+        while watching.queue.qsize() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(FLUSH_AFTER / 5)
+        sent = [json.loads(watching.queue.get_nowait()) for _ in range(watching.queue.qsize())]
+        for _ in range(CLIENT_QUEUE):  # a browser that reads nothing
+            hub.broadcast("{}")
+        await asyncio.sleep(0)
+        return hub, sent, stuck, stuck.ws
+
+    hub, sent, stuck, ws = asyncio.run(scenario())
+    assert [m["type"] for m in sent] == ["state", "update"]  # one message for the burst
+    rows = {row["site_id"]: row for row in sent[1]["sites"]}
+    assert rows.keys() == {1, 2} and rows[2]["status"] == "error"
+    assert rows[1]["devices"]["gateway"] == {"online": 1, "offline": 0}
+    assert stuck not in hub.clients and ws.closed_with == 1013

@@ -187,7 +187,6 @@ class Client:
     def __init__(self, ws: web.WebSocketResponse):
         self.ws = ws
         self.queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)
-        self.overflowed = False
 
     async def send_loop(self) -> None:
         try:
@@ -207,6 +206,7 @@ class Hub:
         self._dirty: set[int] = set()  # sites changed since the last message
         self._health_changed = False
         self._flush: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task] = set()  # held: the loop keeps only weak references to tasks
 
     def take(self, bodies: list[dict], health: dict, full: bool) -> None:
         """What the Follower heard (on the event loop)."""
@@ -261,9 +261,10 @@ class Hub:
     def drop(self, client: Client, why: str) -> None:
         if client in self.clients:
             self.clients.discard(client)
-            client.overflowed = True
             logger.info("disconnecting a browser: {}", why)
-            asyncio.ensure_future(client.ws.close(code=1013, message=b"too slow: reconnect"))
+            task = asyncio.ensure_future(client.ws.close(code=1013, message=b"too slow: reconnect"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close_all(self) -> None:
         if self._flush is not None:
