@@ -842,6 +842,7 @@ def main() -> int:
         print(f"sitelink logger: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     process.raise_fd_limit()
+    process.set_title("sitelink: logger", "sitelink-logger")
     logs.setup("logger", settings.log_level, channel_dir=settings.log_dir)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-logger").close()

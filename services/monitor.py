@@ -750,6 +750,7 @@ def main() -> int:
         print(f"sitelink monitor: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     process.raise_fd_limit()
+    process.set_title(f"sitelink: monitor {settings.instance_id}", "sitelink-mon")
     logs.setup("monitor", settings.log_level)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-monitor", settings.db_bound).close()

@@ -155,7 +155,9 @@ class Publisher:
 
     def snapshot_reply(self, connections: Iterable[dict], devices: Iterable[dict]) -> list[bytes]:
         """The frames that answer one snapshot request: a header, then one item per frame."""
-        items = [json.dumps({"v": FEED_VERSION, **b}, separators=(",", ":")).encode()
+        # Each item reads like a feed message, valid at the snapshot's seq.
+        items = [json.dumps({"v": FEED_VERSION, **b, "publisher": self.incarnation, "seq": self.seq},
+                            separators=(",", ":")).encode()
                  for b in [*connections, *devices]]
         header = {"v": FEED_VERSION, "type": "snapshot", "publisher": self.incarnation, "seq": self.seq,
                   "items": len(items), "timestamp": iso_now()}

@@ -31,13 +31,14 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
        c.is_active, c.status, c.mqtt_next_retry, c.claimed_by, c.claim_epoch,
+       s.name AS site_name,  -- for the child's process title only: not configuration
        md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
        CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
             WHEN c.claim_owner = %(incarnation)s THEN 'mine'
             ELSE 'taken' END AS claim
-FROM mqtt_connection c
+FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 -- An inactive, disconnected row nobody of ours holds needs nothing: of
 -- 10,000 rows mostly inactive, the cycle reads only those it may act on.
 WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s OR c.id = ANY(%(held)s)

@@ -226,7 +226,9 @@ def test_connection_children_inherit_no_database_secret(stack, broker, pg_server
     stack.start("logger", "monitor", PGPASSWORD=password, PGPASSFILE=str(pg_server.passfile))
     stack.sql.wait_status(cid, "connected")
     monitor = stack.pid("monitor")
-    assert {"SITELINK_DATABASE_URL", "PGPASSWORD"} <= environ(monitor).keys()  # what there is to leak
+    # What there is to leak: the monitor's environment has it (its /proc/<pid>/environ
+    # holds its process title now: setproctitle writes there).
+    assert {"SITELINK_DATABASE_URL", "PGPASSWORD"} <= stack.env.keys()
     below = descendants(monitor)
     assert {"sitelink-zygote", f"sitelink-c{cid}"} <= {comm(pid) for pid in below}
     url = stack.env["SITELINK_DATABASE_URL"]
@@ -331,8 +333,10 @@ def test_make_up_runs_supervisord_and_every_program_as_the_service_user(made_up)
     processes = stack_processes(made_up)
     names = set(processes.values())
     assert {"postgres", "mosquitto", "sitelink-zygote"} <= names, names
-    assert sum(cmdline(pid).split()[-1] in ("services.logger", "services.monitor", "services.web", "services.demo")
-               for pid in processes) == 4
+    titles = [cmdline(pid).strip() for pid in processes]
+    assert "sitelink: logger" in titles and "sitelink: demo publisher" in titles
+    assert any(t.startswith("sitelink: web ") for t in titles), titles
+    assert sum(t.startswith("sitelink: monitor ") for t in titles) == 1
     for pid, name in processes.items():
         assert set(uids(pid)) == {service_uid()}, f"{name} (pid {pid}) runs as {uids(pid)}"
     assert service_uid() != 0

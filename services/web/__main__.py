@@ -9,7 +9,7 @@ import asyncio
 import signal
 import sys
 
-from shared import config, exitcodes, logs
+from shared import config, exitcodes, logs, process
 from services.web import app
 
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print("usage: python -m services.web [--url]", file=sys.stderr)
         return 2
+    process.set_title(f"sitelink: web {app.url_of(settings)}", "sitelink-web")
     logs.setup("web", settings.log_level)
     return asyncio.run(_run(settings))
 
