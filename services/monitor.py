@@ -538,6 +538,7 @@ class Monitor:
         for kind, rows in found.items():
             for r in rows:
                 self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],
+                                              last_seen=r.get("last_seen"),
                                               name=r["name"], online=False))
         return {kind: len(rows) for kind, rows in found.items()}
 

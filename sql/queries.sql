@@ -142,21 +142,21 @@ WHERE claim_owner = %(owner)s;
 -- name: mark_offline_gateways
 UPDATE gateway SET is_online = false
 WHERE is_online AND last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING id, site_id, name;
+RETURNING id, site_id, name, extract(epoch FROM last_seen_at)::float8 AS last_seen;
 
 -- name: mark_offline_dataloggers
 UPDATE datalogger d SET is_online = false
 FROM gateway g
 WHERE g.id = d.gateway_id AND d.is_online
   AND d.last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING d.id, g.site_id, d.name;
+RETURNING d.id, g.site_id, d.name, extract(epoch FROM d.last_seen_at)::float8 AS last_seen;
 
 -- name: mark_offline_sensors
 UPDATE sensor s SET is_online = false
 FROM gateway g
 WHERE g.id = s.gateway_id AND s.is_online
   AND s.last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING s.id, g.site_id, s.name;
+RETURNING s.id, g.site_id, s.name, extract(epoch FROM s.last_seen_at)::float8 AS last_seen;
 
 -- ------------------------------------------------------------------- logger
 -- Status bookkeeping, with the seed's semantics. Each returns what the
@@ -280,9 +280,9 @@ WITH input AS (
     SELECT site_id, name, seen, seen FROM input
     ON CONFLICT (site_id, name) DO UPDATE
         SET last_seen_at = greatest(g.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING g.id, g.site_id, g.name
+    RETURNING g.id, g.site_id, g.name, g.last_seen_at
 )
-SELECT up.id, up.site_id, up.name, i.connection_id,
+SELECT up.id, up.site_id, up.name, up.last_seen_at, i.connection_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
 FROM up JOIN input i USING (site_id, name) LEFT JOIN before b ON b.id = up.id;
 
@@ -297,9 +297,9 @@ WITH input AS (
     SELECT gateway_id, name, seen, seen FROM input
     ON CONFLICT (gateway_id, name) DO UPDATE
         SET last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING d.id, d.gateway_id, d.name
+    RETURNING d.id, d.gateway_id, d.name, d.last_seen_at
 )
-SELECT up.id, up.gateway_id, up.name, g.site_id,
+SELECT up.id, up.gateway_id, up.name, up.last_seen_at, g.site_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
@@ -317,9 +317,9 @@ WITH input AS (
     SELECT gateway_id, datalogger_id, name, seen, seen FROM input
     ON CONFLICT ON CONSTRAINT sensor_parent_name_key DO UPDATE
         SET last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at), is_online = true
-    RETURNING s.id, s.gateway_id, s.datalogger_id, s.name
+    RETURNING s.id, s.gateway_id, s.datalogger_id, s.name, s.last_seen_at
 )
-SELECT up.id, up.gateway_id, up.datalogger_id, up.name, g.site_id,
+SELECT up.id, up.gateway_id, up.datalogger_id, up.name, up.last_seen_at, g.site_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 

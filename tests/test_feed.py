@@ -244,3 +244,17 @@ def test_a_fleet_of_two_hosts_is_followed_through_every_hosts_feed(stack, broker
         for proc in host_b:
             stop_process(proc)
         remove_tree(run_b)
+
+
+def test_a_snapshot_replaces_the_state_and_says_what_is_gone(fake, client):
+    fake.change(1, "connected")
+    fake.change(2, "connected")
+    start_live(client)
+    with fake.lock:
+        del fake.state[2]  # the row was deleted: no feed message says so
+    fake.change(1, "error", send=False)  # a gap: the next message makes the client look again
+    fake.change(1, "connected")
+    changes = wait_for(lambda: client.poll(0.1), what="the resync")
+    assert {"connection_id": 2, "removed": True}.items() <= next(
+        b for b in changes if b["connection_id"] == 2).items()
+    assert list(client.connections) == [1]

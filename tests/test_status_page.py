@@ -382,6 +382,15 @@ def test_the_board_shows_a_sites_newest_connection_and_skips_what_it_cannot_plac
     assert b.site_ids() == [1]
 
 
+def test_the_board_forgets_what_postgresql_no_longer_holds():
+    b = Board()
+    b.take([_status(1, 10), _device(1, "sensor", 5, True), _status(2, 20)])
+    assert b.take([{**_device(1, "sensor", 5, True), "removed": True}]) == {1}
+    assert b.row(1)["devices"]["sensor"] == {"online": 0, "offline": 0} and b.knows(1)
+    assert b.take([{**_status(2, 20), "removed": True}]) == {2}
+    assert not b.knows(2) and b.site_ids() == [1]
+
+
 def test_the_board_lists_at_most_so_many_devices():
     b = Board()
     b.take([_device(1, "sensor", i, True) for i in range(5)] + [_device(1, "gateway", 99, False)])

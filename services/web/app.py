@@ -230,7 +230,10 @@ class Hub:
         self._flush = None
         message: dict[str, Any] = {"type": "update"}
         if self._dirty:
-            message["sites"] = self.board.rows(self._dirty)
+            message["sites"] = self.board.rows(s for s in self._dirty if self.board.knows(s))
+            gone = sorted(s for s in self._dirty if not self.board.knows(s))
+            if gone:
+                message["gone"] = gone  # sites deleted from PostgreSQL
             self._dirty = set()
         if self._health_changed:
             message["feed"] = self.health

@@ -59,6 +59,8 @@ class Board:
         site_id = _id(body.get("site_id"))
         if site_id is None:
             return None
+        if body.get("removed") is True:  # gone from PostgreSQL (FeedClient saw it in a snapshot)
+            return self._remove(kind, site_id, body)
         if kind == "mqtt_status":
             connection_id = _id(body.get("connection_id"))
             if connection_id is None:
@@ -81,6 +83,24 @@ class Board:
         name = body.get("site")
         if isinstance(name, str):
             self._names[site_id] = name
+        return site_id
+
+    def _remove(self, kind: Any, site_id: int, body: dict) -> int | None:
+        if kind == "mqtt_status":
+            self._connections.get(site_id, {}).pop(_id(body.get("connection_id")), None)
+        elif kind == "device_status":
+            key = (body.get("kind"), _id(body.get("id")))
+            self._devices.get(site_id, {}).pop(key, None)
+            self._device_site.pop(key, None)
+        elif kind == "site_data":
+            self._data.pop(site_id, None)
+        else:
+            return None
+        for table in (self._connections, self._devices):
+            if table.get(site_id) == {}:
+                del table[site_id]
+        if not self.knows(site_id):
+            self._names.pop(site_id, None)
         return site_id
 
     # -- what the page gets

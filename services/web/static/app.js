@@ -355,6 +355,10 @@
       placeAll();
     } else if (message.type === "update" && Array.isArray(message.sites)) {
       for (const site of message.sites) upsert(site, true);
+      if (Array.isArray(message.gone)) {
+        const gone = new Set(message.gone);
+        removeMissing(new Set([...rows.keys()].filter((id) => !gone.has(id))));
+      }
     }
     if (message.feed) showFeed(message.feed);
     summarize();
