@@ -16,7 +16,7 @@ VAR := $(ROOT)/var
 PIDFILE := $(VAR)/run/supervisord.pid
 # libpq's password file of the embedded PostgreSQL (written by bin/postgres).
 PGPASS := $(VAR)/secrets/pgpass
-PROGRAMS := postgres mosquitto logger monitor demo
+PROGRAMS := postgres mosquitto logger monitor web demo
 
 export SITELINK_EMBEDDED_PG_PORT ?= 55432
 export SITELINK_EMBEDDED_MQTT_PORT ?= 18830
@@ -26,12 +26,12 @@ PYTEST_ARGS ?=
 # True while the supervisord of this checkout runs (pid file + live process).
 supervisord_running = { pid=$$(cat "$(PIDFILE)" 2>/dev/null || true); [[ -n $$pid ]] && kill -0 "$$pid" 2>/dev/null && grep -qa supervisord "/proc/$$pid/cmdline" 2>/dev/null; }
 
-.PHONY: help setup system-deps venv venv-usable up down status watch migrate logs psql test bench clean
+.PHONY: help setup system-deps browser-deps venv venv-usable up down status watch migrate logs psql test bench clean
 
 help:
 	@echo "sitelink targets:"
-	@echo "  make setup    install system packages (as root) and the .venv"
-	@echo "  make up       start the embedded stack (PostgreSQL, Mosquitto, logger, monitor, demo),"
+	@echo "  make setup    install system packages (as root; chromium for the tests) and the .venv"
+	@echo "  make up       start the embedded stack (PostgreSQL, Mosquitto, logger, monitor, status page, demo),"
 	@echo "                as user sitelink when run by root"
 	@echo "  make status   sites and their connections"
 	@echo "  make watch    the live status feed"
@@ -43,7 +43,7 @@ help:
 
 # ---------------------------------------------------------------- setup
 
-setup: system-deps venv
+setup: system-deps browser-deps venv
 
 system-deps:
 	@need=(); \
@@ -76,6 +76,24 @@ system-deps:
 	    fi; \
 	fi
 
+# The browser test of the status page (tests/test_status_page.py) drives
+# Debian's chromium through chromedriver. Only the tests need them, so make up
+# does not install them; make setup and make test do, as root. An ordinary
+# user is told what to install, and the browser tests skip without them.
+browser-deps:
+	@need=(); \
+	command -v chromium >/dev/null 2>&1 || need+=(chromium); \
+	command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver); \
+	if [[ $${#need[@]} -eq 0 ]]; then exit 0; fi; \
+	if [[ $$(id -u) -ne 0 ]]; then \
+	    echo "note: the status page's browser tests need the Debian packages $${need[*]}; without them they are skipped" >&2; \
+	    echo "      install them as root: apt-get install -y $${need[*]}   (or run 'make setup' as root)" >&2; \
+	    exit 0; \
+	fi; \
+	echo "installing $${need[*]} (for the status page's browser tests) ..."; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${need[@]}"
+
 venv: venv-usable $(STAMP)
 
 # As root, .venv must hold a Python the unprivileged service user can run too,
@@ -107,7 +125,7 @@ $(STAMP): $(ROOT)/pyproject.toml | $(PYTHON)
 
 # ---------------------------------------------------------------- the stack
 
-up: setup
+up: system-deps venv
 	@cd "$(ROOT)"; \
 	if $(supervisord_running); then \
 	    pid=$$(cat "$(PIDFILE)"); \
@@ -140,7 +158,11 @@ up: setup
 	fi; \
 	"$(PYTHON)" -m services.admin migrate; \
 	"$(PYTHON)" -m services.admin seed-demo; \
-	for p in logger monitor demo; do \
+	if [[ $$($(SUPERVISORCTL) status web 2>&1 || true) == *"no such process"* ]]; then \
+	    echo "adding the status page (program web) to the running supervisord"; \
+	    $(SUPERVISORCTL) reread >/dev/null && $(SUPERVISORCTL) add web || true; \
+	fi; \
+	for p in logger monitor web demo; do \
 	    case "$$($(SUPERVISORCTL) status $$p 2>/dev/null | awk '{print $$2}' || true)" in \
 	        RUNNING|STARTING) ;; \
 	        *) $(SUPERVISORCTL) start $$p || true ;; \
@@ -163,6 +185,7 @@ up: setup
 	echo; \
 	echo "sitelink is up, as user $$(stat -c %U "$(PIDFILE)"): PostgreSQL 127.0.0.1:$$SITELINK_EMBEDDED_PG_PORT (socket var/run)," \
 	     "Mosquitto 127.0.0.1:$$SITELINK_EMBEDDED_MQTT_PORT; passwords in var/secrets/"; \
+	echo "  status page   $$("$(PYTHON)" -m services.web --url)   (live, in a browser on this machine)"; \
 	echo "  make status   sites and their connections"; \
 	echo "  make watch    the live status feed"; \
 	echo "  make logs     follow the log files (logs/, var/log/)"; \

@@ -884,7 +884,8 @@ def run_child(settings: config.Settings, conn: ConnectionSettings, keys: curve.K
 
     Shared by the zygote's forked children and by ``main`` below.
     """
-    process.set_name(f"sitelink-c{conn.connection_id}")
+    process.set_title(f"sitelink: conn {conn.connection_id} {conn.site_name}".rstrip(),
+                      f"sitelink-c{conn.connection_id}")
     if conn.monitor_pid and not process.die_with(conn.monitor_pid, signal.SIGTERM):
         return exitcodes.ORPHANED  # the monitor is gone: never run unsupervised
     logs.setup(f"conn-{conn.connection_id}", settings.log_level)

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
-from shared import config, embedded
+from shared import config, embedded, process
 
 #: Messages a disconnected gateway keeps for later; beyond, new ones are dropped.
 MAX_QUEUED = 1000
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0, metavar="N",
                         help="stop after N rounds of readings (default 0: run until stopped)")
     args = parser.parse_args(argv)
+    process.set_title("sitelink: demo publisher", "sitelink-demo")
     if not (0 < args.interval < math.inf and 0 < args.heartbeat < math.inf) or args.bad_every < 0 or args.rounds < 0:
         parser.error("--interval and --heartbeat must be > 0, --bad-every and --rounds >= 0")
 

@@ -216,7 +216,8 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
         elif isinstance(ev, DeviceChange):
             out.feed.append({**feed.device_body(ev.device_kind, {
                 "id": ev.device_id, "site_id": ev.site_id, "site": sites.get(("site", ev.site_id)),
-                "name": ev.name}, ev.online), "timestamp": at.isoformat()})
+                "name": ev.name, "last_seen_at": _at(ev.last_seen) if ev.last_seen is not None else None},
+                ev.online), "timestamp": at.isoformat()})
     if connection_logs:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
@@ -859,6 +860,7 @@ def main() -> int:
         print(f"sitelink logger: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     process.raise_fd_limit()
+    process.set_title("sitelink: logger", "sitelink-logger")
     logs.setup("logger", settings.log_level, channel_dir=settings.log_dir)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-logger").close()

@@ -538,6 +538,7 @@ class Monitor:
         for kind, rows in found.items():
             for r in rows:
                 self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],
+                                              last_seen=r.get("last_seen"),
                                               name=r["name"], online=False))
         return {kind: len(rows) for kind, rows in found.items()}
 
@@ -750,6 +751,7 @@ def main() -> int:
         print(f"sitelink monitor: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     process.raise_fd_limit()
+    process.set_title(f"sitelink: monitor {settings.instance_id}", "sitelink-mon")
     logs.setup("monitor", settings.log_level)
     try:
         db.wait_until_ready(settings.database_url, "sitelink-monitor", settings.db_bound).close()

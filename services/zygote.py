@@ -56,6 +56,7 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     if not process.die_with(monitor_pid, signal.SIGTERM, wait=0):
         return exitcodes.ORPHANED
     settings = config.load()
+    process.set_title(f"sitelink: zygote of monitor {settings.instance_id}", "sitelink-zygote")
     keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)  # read once, for every child
     _warm_up(connection, protocol, ConnectionSettings, settings)
     gc.collect()

@@ -8,6 +8,7 @@ variable, so a service fails at start rather than misbehaving later.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -68,6 +69,21 @@ def _zmq_endpoint(value: str) -> str:
     if value.startswith("ipc://") and len(value[len("ipc://"):].encode()) > MAX_IPC_PATH_BYTES:
         raise ValueError(f"an ipc:// path is at most {MAX_IPC_PATH_BYTES} bytes long (a Unix socket's limit)")
     return value
+
+
+def _endpoints(value: str) -> tuple[str, ...]:
+    """A comma-separated list of ZeroMQ endpoints."""
+    return tuple(_zmq_endpoint(part.strip()) for part in value.split(",") if part.strip())
+
+
+def _listen_host(value: str) -> str:
+    """An address to listen on: an IP literal, or localhost."""
+    if value == "localhost":
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("must be an IP address (such as 127.0.0.1 or ::1) or localhost") from None
 
 
 def _instance_id(value: str) -> str:
@@ -151,6 +167,19 @@ class Settings:
     snapshot_endpoint: str = _setting("SNAPSHOT_ENDPOINT", "tcp://127.0.0.1:5557", _zmq_endpoint,
                                       "Where the logger answers snapshot requests of the feed's subscribers "
                                       "(ZeroMQ ROUTER; a REQ socket asks).")
+    web_host: str = _setting("WEB_HOST", "127.0.0.1", _listen_host,
+                             "Address the status page listens on (IP literal or localhost). The page has no "
+                             "login: keep it on loopback.")
+    web_port: int = _setting("WEB_PORT", 8780, _port, "Port of the status page (http://<WEB_HOST>:<port>/).")
+    web_feeds: tuple[str, ...] = _setting("WEB_FEEDS", (), _endpoints,
+                                          "The other hosts' status feeds the status page follows too, "
+                                          "comma-separated (a fleet); one per entry of WEB_SNAPSHOTS.")
+    web_snapshots: tuple[str, ...] = _setting("WEB_SNAPSHOTS", (), _endpoints,
+                                              "The other hosts' snapshot endpoints, comma-separated, in the "
+                                              "order of WEB_FEEDS.")
+    web_db_timeout: float = _setting("WEB_DB_TIMEOUT", 3.0, _positive_float,
+                                     "Longest a database call of the status page may take (connect, "
+                                     "statement, TCP keepalives and user timeout).")
     log_dir: Path = _setting("LOG_DIR", Path("logs"), Path,
                              "Directory of the file logs (relative to SITELINK_HOME).")
     log_level: str = _setting("LOG_LEVEL", "INFO", _log_level, "Level of the process logs.")
@@ -324,6 +353,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{PREFIX}CLAIM_LEASE ({settings.claim_lease}) must exceed "
                           f"{PREFIX}MONITOR_INTERVAL ({settings.monitor_interval}): a monitor's heartbeat "
                           f"is written each cycle")
+    if len(settings.web_feeds) != len(settings.web_snapshots):
+        raise ConfigError(f"{PREFIX}WEB_FEEDS has {len(settings.web_feeds)} endpoints and {PREFIX}WEB_SNAPSHOTS "
+                          f"{len(settings.web_snapshots)}: each other host has one of each")
     if settings.restart_base > settings.restart_cap:
         raise ConfigError(f"{PREFIX}RESTART_BASE ({settings.restart_base}) must not exceed "
                           f"{PREFIX}RESTART_CAP ({settings.restart_cap})")
@@ -362,5 +394,7 @@ def documentation() -> list[tuple[str, str, str]]:
             default = "unlimited"
         elif f.metadata["parse"] is _days and default is None:
             default = "forever"
+        elif default == ():
+            default = "none"
         rows.append((PREFIX + f.metadata["env"], str(default), f.metadata["doc"]))
     return rows

@@ -90,6 +90,7 @@ class ConnectionSettings:
     state_fd: int | None = None
     epoch: int = 0
     reset_session: bool = False  # the topics changed: drop the old persistent session once
+    site_name: str = ""  # for the child's process title; not configuration (a rename restarts nothing)
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **extra: Any) -> ConnectionSettings:

@@ -51,6 +51,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 #: A logger says it is alive this often; a subscriber that hears nothing for
 #: several times this long asks for a snapshot again.
 HEARTBEAT_EVERY = 2.0
+#: A subscriber takes a snapshot again this often anyway: what no message
+#: tells (a row deleted, a new row that nobody runs) is seen within this long.
+RESYNC_EVERY = 300.0
 
 STATUS_FIELDS = ("site_id", "site", "connection_id", "status", "is_active", "paused", "message",
                  "last_connected_at", "connection_errors", "retry_attempt", "next_retry_at", "gave_up", "order")
@@ -155,7 +158,9 @@ class Publisher:
 
     def snapshot_reply(self, connections: Iterable[dict], devices: Iterable[dict]) -> list[bytes]:
         """The frames that answer one snapshot request: a header, then one item per frame."""
-        items = [json.dumps({"v": FEED_VERSION, **b}, separators=(",", ":")).encode()
+        # Each item reads like a feed message, valid at the snapshot's seq.
+        items = [json.dumps({"v": FEED_VERSION, **b, "publisher": self.incarnation, "seq": self.seq},
+                            separators=(",", ":")).encode()
                  for b in [*connections, *devices]]
         header = {"v": FEED_VERSION, "type": "snapshot", "publisher": self.incarnation, "seq": self.seq,
                   "items": len(items), "timestamp": iso_now()}
@@ -184,6 +189,7 @@ class _Source:
     retry_at: float = 0.0  # when to ask again after a failed snapshot
     error: str = ""
     heard_since_sync: bool = False  # a feed message of it arrived after its snapshot
+    synced_at: float = 0.0
 
 
 @dataclass
@@ -198,7 +204,9 @@ class FeedClient:
                 show(body)
 
     ``connections`` (by connection id) and ``devices`` (by (kind, id)) hold
-    the current state. Give it every host's feed and snapshot endpoints to
+    the current state. A snapshot replaces it (it holds the whole fleet): what
+    it no longer holds (a deleted connection, site or device) comes out of
+    ``poll`` once more, with ``"removed": true``. Give it every host's feed and snapshot endpoints to
     follow a fleet. It resynchronises by itself after a gap, a restarted
     logger or a silent one; ``resyncs`` counts how often, ``errors`` says
     which hosts it cannot reach now (it keeps trying).
@@ -267,8 +275,9 @@ class FeedClient:
                 changes += self._take(body)
         now = time.monotonic()
         for source in self._sources:
-            if source.synced and now - source.heard_at > 4 * HEARTBEAT_EVERY:
-                changes += self._resync(source)  # silent: gone, restarted, or we were cut off
+            if source.synced and (now - source.heard_at > 4 * HEARTBEAT_EVERY
+                                  or now - source.synced_at > RESYNC_EVERY):
+                changes += self._resync(source)  # silent (gone, restarted, cut off), or time to look again
             elif not source.synced and now >= source.retry_at:
                 changes += self._resync(source)
         return changes
@@ -331,7 +340,9 @@ class FeedClient:
         self.resyncs += 1
         before = self._state()
         self._try_sync(source)
-        return [body for key, body in self._state().items() if before.get(key) != body]
+        after = self._state()
+        return ([body for key, body in after.items() if before.get(key) != body]
+                + [{**body, "removed": True} for key, body in before.items() if key not in after])
 
     def _state(self) -> dict[tuple, dict]:
         return {**{("c", k): v for k, v in self.connections.items()},
@@ -365,6 +376,10 @@ class FeedClient:
             raise FeedError(f"{source.snapshot_endpoint} did not answer with a snapshot")
         source.publisher, source.seq, source.synced, source.error = header["publisher"], header["seq"], True, ""
         source.heard_at, source.heard_since_sync = time.monotonic(), False
+        source.synced_at = source.heard_at
+        # The snapshot is the whole fleet's state as PostgreSQL holds it, at
+        # least as new as anything any feed said before: it replaces ours.
+        self.connections, self.devices, self.sites = {}, {}, {}
         for frame in frames[1:]:
             self._apply(json.loads(frame))
 

@@ -7,9 +7,15 @@ import os
 import resource
 import time
 
+import setproctitle
+
+from shared import limits
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+#: Longest process title set (the kernel keeps what fits the original command line's room).
+TITLE_CHARS = 120
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -32,6 +38,15 @@ def become_subreaper() -> bool:
 def set_name(name: str) -> None:
     """The name ``ps -o comm`` and ``top`` show (15 bytes at most)."""
     _call(PR_SET_NAME, name.encode()[:15])
+
+
+def set_title(title: str, name: str) -> None:
+    """Say who this process is: ``title`` is what ``ps -ef`` and ``top -c``
+    show as its command line ("sitelink: conn 12 north-pier"), ``name`` what
+    ``ps -o comm`` and ``top`` show (15 bytes). A title holds names from the
+    database: non-printable characters are escaped, and it is cut short."""
+    setproctitle.setproctitle(limits.printable(title)[:TITLE_CHARS])
+    set_name(name)  # setproctitle sets the short name too, cut from the title: ours instead
 
 
 def die_with(parent_pid: int, sig: int, wait: float = 2.0) -> bool:

@@ -291,6 +291,7 @@ class DeviceChange:
     site_id: int = _checked(_ID)
     name: str = _checked(_name)
     online: bool = False
+    last_seen: float | None = _checked(_optional(_event_time), default=None)  # epoch seconds
 
 
 Event = Union[StatusChange, ConnectionLog, ParseFailure, Data, Flow, MonitorCycle, DeviceChange]

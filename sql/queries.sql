@@ -31,13 +31,14 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
        c.is_active, c.status, c.mqtt_next_retry, c.claimed_by, c.claim_epoch,
+       s.name AS site_name,  -- for the child's process title only: not configuration
        md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
        CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
             WHEN c.claim_owner = %(incarnation)s THEN 'mine'
             ELSE 'taken' END AS claim
-FROM mqtt_connection c
+FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 -- An inactive, disconnected row nobody of ours holds needs nothing: of
 -- 10,000 rows mostly inactive, the cycle reads only those it may act on.
 WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s OR c.id = ANY(%(held)s)
@@ -141,21 +142,21 @@ WHERE claim_owner = %(owner)s;
 -- name: mark_offline_gateways
 UPDATE gateway SET is_online = false
 WHERE is_online AND last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING id, site_id, name;
+RETURNING id, site_id, name, extract(epoch FROM last_seen_at)::float8 AS last_seen;
 
 -- name: mark_offline_dataloggers
 UPDATE datalogger d SET is_online = false
 FROM gateway g
 WHERE g.id = d.gateway_id AND d.is_online
   AND d.last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING d.id, g.site_id, d.name;
+RETURNING d.id, g.site_id, d.name, extract(epoch FROM d.last_seen_at)::float8 AS last_seen;
 
 -- name: mark_offline_sensors
 UPDATE sensor s SET is_online = false
 FROM gateway g
 WHERE g.id = s.gateway_id AND s.is_online
   AND s.last_seen_at < now() - make_interval(secs => %(after)s)
-RETURNING s.id, g.site_id, s.name;
+RETURNING s.id, g.site_id, s.name, extract(epoch FROM s.last_seen_at)::float8 AS last_seen;
 
 -- ------------------------------------------------------------------- logger
 -- Status bookkeeping, with the seed's semantics. Each returns what the
@@ -302,9 +303,9 @@ WITH input AS (
     ON CONFLICT (site_id, name) DO UPDATE
         SET last_seen_at = greatest(g.last_seen_at, EXCLUDED.last_seen_at),
             is_online = g.is_online OR EXCLUDED.last_seen_at >= g.last_seen_at
-    RETURNING g.is_online, g.id, g.site_id, g.name
+    RETURNING g.is_online, g.last_seen_at, g.id, g.site_id, g.name
 )
-SELECT up.id, up.site_id, up.name, i.connection_id,
+SELECT up.id, up.site_id, up.name, up.last_seen_at, i.connection_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN input i USING (site_id, name) LEFT JOIN before b ON b.id = up.id;
 
@@ -320,9 +321,9 @@ WITH input AS (
     ON CONFLICT (gateway_id, name) DO UPDATE
         SET last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at),
             is_online = d.is_online OR EXCLUDED.last_seen_at >= d.last_seen_at
-    RETURNING d.is_online, d.id, d.gateway_id, d.name
+    RETURNING d.is_online, d.last_seen_at, d.id, d.gateway_id, d.name
 )
-SELECT up.id, up.gateway_id, up.name, g.site_id,
+SELECT up.id, up.gateway_id, up.name, up.last_seen_at, g.site_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
@@ -341,9 +342,9 @@ WITH input AS (
     ON CONFLICT ON CONSTRAINT sensor_parent_name_key DO UPDATE
         SET last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at),
             is_online = s.is_online OR EXCLUDED.last_seen_at >= s.last_seen_at
-    RETURNING s.is_online, s.id, s.gateway_id, s.datalogger_id, s.name
+    RETURNING s.is_online, s.last_seen_at, s.id, s.gateway_id, s.datalogger_id, s.name
 )
-SELECT up.id, up.gateway_id, up.datalogger_id, up.name, g.site_id,
+SELECT up.id, up.gateway_id, up.datalogger_id, up.name, up.last_seen_at, g.site_id,
        b.id IS NULL AS is_new, coalesce(NOT b.is_online AND up.is_online, false) AS came_online
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
@@ -515,3 +516,34 @@ WHERE c.site_id = s.id AND s.name = %(site)s
   AND c.broker_host = %(broker_host)s AND c.broker_port = %(broker_port)s
   AND (c.username IS NULL OR c.username = %(username)s)
   AND c.password IS DISTINCT FROM %(password)s;
+
+-- -------------------------------------------------------------------- the status page (services/web)
+-- Read-only: each transaction of the page starts with read_only_transaction.
+-- Nothing here selects a broker setting (the password least of all); texts
+-- are cut so that one answer stays small, whatever a row holds.
+
+-- name: read_only_transaction
+SET TRANSACTION READ ONLY;
+
+-- name: web_site
+SELECT s.id AS site_id, s.name AS site FROM site s WHERE s.id = %(site_id)s;
+
+-- name: web_connection_errors
+-- The latest warnings and errors of the site's connection (one per site).
+SELECT l.id, l.timestamp, l.level, left(l.message, %(text_max)s) AS message, l.exception_type,
+       left(l.exception_traceback, %(text_max)s) AS exception_traceback, l.broker_host, l.retry_attempt
+FROM mqtt_connection c JOIN mqtt_connection_log l ON l.connection_id = c.id
+WHERE c.site_id = %(site_id)s AND l.level IN ('WARNING', 'ERROR', 'CRITICAL')
+ORDER BY l.timestamp DESC, l.id DESC
+LIMIT %(limit)s;
+
+-- name: web_parsing_errors
+-- The latest payloads of the site that did not parse, with their samples.
+SELECT p.id, p.timestamp, left(p.topic, %(text_max)s) AS topic, p.parser_name, p.error_type,
+       left(p.error_message, %(text_max)s) AS error_message, p.exception_type,
+       left(p.exception_traceback, %(text_max)s) AS exception_traceback,
+       left(p.payload_sample::text, %(text_max)s) AS payload_sample
+FROM mqtt_parsing_log p
+WHERE p.site_id = %(site_id)s
+ORDER BY p.timestamp DESC, p.id DESC
+LIMIT %(limit)s;

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import zmq
 
 from shared import feed
-from tests.support import ROOT, free_port, wait_for
+from tests.support import ROOT, free_port, python_service, remove_tree, stop_process, wait_for
 
 
 def test_a_body_round_trips_and_names_its_topic():
@@ -201,3 +203,58 @@ def test_make_watch_prints_the_current_state_at_once_then_changes(stack, broker)
     finally:
         watcher.terminate()
         watcher.wait(10)
+
+
+def test_a_fleet_of_two_hosts_is_followed_through_every_hosts_feed(stack, broker, tmp_path):
+    """Two hosts (each its logger, feed and snapshot endpoint, one PostgreSQL):
+    one FeedClient sees every connection; when host b stops and host a takes
+    its connections over, each connection ends connected on the subscriber's
+    side, whichever host's message arrives last (PostgreSQL's order decides)."""
+    ids = [stack.sql.add_site(f"fleet-feed-{i}", port=broker.port, stall_after=None) for i in range(4)]
+    stack.start("logger", "monitor", SITELINK_INSTANCE_ID="a", SITELINK_CLAIM_LEASE="6")
+    run_b = Path(tempfile.mkdtemp(prefix="sl-b-"))
+    env_b = {**stack.env, "SITELINK_INSTANCE_ID": "b", "SITELINK_HOME": str(tmp_path / "host-b"),
+             "SITELINK_RUNTIME_DIR": str(run_b), "SITELINK_EVENTS_ENDPOINT": f"ipc://{run_b}/events.sock",
+             "SITELINK_STATUS_FEED": f"tcp://127.0.0.1:{free_port()}",
+             "SITELINK_SNAPSHOT_ENDPOINT": f"tcp://127.0.0.1:{free_port()}"}
+    host_b = [python_service("logger", env_b, tmp_path / "logger-b.out"),
+              python_service("monitor", env_b, tmp_path / "monitor-b.out")]
+    client = feed.FeedClient([stack.env["SITELINK_STATUS_FEED"], env_b["SITELINK_STATUS_FEED"]],
+                             [stack.env["SITELINK_SNAPSHOT_ENDPOINT"], env_b["SITELINK_SNAPSHOT_ENDPOINT"]])
+    try:
+        wait_for(lambda: sorted(r["claimed_by"] for r in stack.sql.rows(
+            "SELECT claimed_by FROM mqtt_connection WHERE status = 'connected'")) == ["a", "a", "b", "b"],
+            timeout=30, what="two connections on each host")
+        client.start()
+        wait_for(lambda: client.poll(0.1) is not None and client.live, what="both hosts' feeds")
+        assert {c: b["status"] for c, b in client.connections.items()} == {c: "connected" for c in ids}
+        assert len({b["publisher"] for b in client.connections.values()}) == 1  # a snapshot holds the fleet
+        stop_process(host_b.pop())  # b's monitor stops cleanly: a takes its two over at once
+        wait_for(lambda: stack.sql.value("SELECT count(*) FROM mqtt_connection WHERE claimed_by = 'a' "
+                                         "AND status = 'connected'") == 4, timeout=30, what="a to run all four")
+
+        def all_connected_on_the_feed():
+            client.poll(0.1)
+            return all(client.connections[c]["status"] == "connected" for c in ids)
+        wait_for(all_connected_on_the_feed, timeout=15, what="every connection connected on the feed")
+        publishers = {b["publisher"] for b in client.connections.values()}
+        assert len(publishers) >= 1 and all(b["order"] for b in client.connections.values())
+    finally:
+        client.close()
+        for proc in host_b:
+            stop_process(proc)
+        remove_tree(run_b)
+
+
+def test_a_snapshot_replaces_the_state_and_says_what_is_gone(fake, client):
+    fake.change(1, "connected")
+    fake.change(2, "connected")
+    start_live(client)
+    with fake.lock:
+        del fake.state[2]  # the row was deleted: no feed message says so
+    fake.change(1, "error", send=False)  # a gap: the next message makes the client look again
+    fake.change(1, "connected")
+    changes = wait_for(lambda: client.poll(0.1), what="the resync")
+    assert {"connection_id": 2, "removed": True}.items() <= next(
+        b for b in changes if b["connection_id"] == 2).items()
+    assert list(client.connections) == [1]

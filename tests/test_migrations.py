@@ -129,7 +129,8 @@ def test_an_existing_reading_table_becomes_partitioned_without_losing_a_row(pg_s
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO site (name) VALUES ('s')")
         conn.execute("INSERT INTO gateway (site_id, name) SELECT id, 'g' FROM site")
-        conn.execute("INSERT INTO sensor (gateway_id, name) SELECT g.id, 'S-' || i FROM gateway g, generate_series(1, 5) i")
+        conn.execute("INSERT INTO sensor (gateway_id, name) "
+                     "SELECT g.id, 'S-' || i FROM gateway g, generate_series(1, 5) i")
         # three years back to a day ahead (the parser's limit), one an hour per sensor
         conn.execute("INSERT INTO reading (sensor_id, ts, \"values\") SELECT s.id, "
                      "now() + interval '1 day' - make_interval(hours => k), jsonb_build_object('k', k) "

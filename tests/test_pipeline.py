@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import SQL
-from tests.support import (ROOT, alive, cmdline, free_port, joined_feed, monitor_children, reading, wait_for)
+from tests.support import (ROOT, alive, children_of, cmdline, comm, free_port, joined_feed, monitor_children, reading,
+                           wait_for)
 
 
 # --- the seed's three ---------------------------------------------------------
@@ -326,3 +327,22 @@ def test_make_status_shows_a_paused_connection_and_when_data_last_came(database_
     [line] = [l for l in out.splitlines() if l.startswith("status-site")]
     assert "connected, paused since" in line and "2026-11-28 10:00:00" in line
     assert "last data" in out.splitlines()[0]
+
+
+def test_ps_shows_each_process_as_what_it_is(stack, broker):
+    """ps -ef and top show each child as its connection and site, and the
+    monitor, the zygote and the logger likewise; a hostile site name is escaped."""
+    cid = stack.sql.add_site("north-pier", port=broker.port)
+    odd = stack.sql.add_site("x\n\x1b[31mred", port=broker.port, client_id=f"odd-{os.getpid()}",
+                             topics=["sites/odd/#"])
+    stack.start("logger", "monitor", SITELINK_INSTANCE_ID="host-a")
+    for c in (cid, odd):
+        stack.sql.wait_status(c, "connected")
+    titles = {pid: cmdline(pid).strip() for pid in children_of(stack.pid("monitor"))}
+    assert f"sitelink: conn {cid} north-pier" in titles.values()
+    assert f"sitelink: conn {odd} x\\n\\x1b[31mred" in titles.values()
+    assert "sitelink: zygote of monitor host-a" in titles.values()
+    assert cmdline(stack.pid("monitor")).strip() == "sitelink: monitor host-a"
+    assert cmdline(stack.pid("logger")).strip() == "sitelink: logger"
+    assert comm(stack.pid("monitor")) == "sitelink-mon" and comm(stack.pid("logger")) == "sitelink-logger"
+    assert {comm(p) for p in titles} == {"sitelink-zygote", f"sitelink-c{cid}", f"sitelink-c{odd}"}

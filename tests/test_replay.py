@@ -203,7 +203,8 @@ def test_replay_goes_in_batches_and_two_at_once_store_each_payload_once(psql, da
     assert len(reports) == 2 and sum(r.total(replay.STORED) for r in reports) == 60
     assert sum(statements) == 60 and max(statements) == 7  # in batches of at most 7, each payload once
     assert psql.execute("SELECT count(*) FROM reading").fetchone()["count"] == 60
-    assert psql.execute("SELECT count(*) FROM mqtt_quarantine WHERE replay_outcome = 'stored'").fetchone()["count"] == 60
+    stored = psql.execute("SELECT count(*) FROM mqtt_quarantine WHERE replay_outcome = 'stored'").fetchone()
+    assert stored["count"] == 60
 
 
 def test_what_the_live_path_refuses_replay_refuses(psql, database_url):
@@ -219,7 +220,8 @@ def test_what_the_live_path_refuses_replay_refuses(psql, database_url):
     report = run(database_url)
     assert report.total(replay.FAILED) == 4 and report.total(replay.STORED) == 0
     errors = {r["id"]: r for r in psql.execute("SELECT * FROM mqtt_quarantine")}
-    assert "SITELINK_MAX_PAYLOAD" in errors[big]["replay_error"] and errors[big]["replay_error_type"] == "VALIDATION_ERROR"
+    assert "SITELINK_MAX_PAYLOAD" in errors[big]["replay_error"]
+    assert errors[big]["replay_error_type"] == "VALIDATION_ERROR"
     assert "no connection" in errors[gone]["replay_error"]
     assert "unknown parser 'no-such-parser'" in errors[unknown]["replay_error"]
     assert errors[future]["replay_error_type"] == "VALIDATION_ERROR" and "ts" in errors[future]["replay_error"]

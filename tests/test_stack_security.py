@@ -10,6 +10,7 @@ skipped, saying so, when the suite runs as an ordinary user.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -17,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +226,9 @@ def test_connection_children_inherit_no_database_secret(stack, broker, pg_server
     stack.start("logger", "monitor", PGPASSWORD=password, PGPASSFILE=str(pg_server.passfile))
     stack.sql.wait_status(cid, "connected")
     monitor = stack.pid("monitor")
-    assert {"SITELINK_DATABASE_URL", "PGPASSWORD"} <= environ(monitor).keys()  # what there is to leak
+    # What there is to leak: the monitor's environment has it (its /proc/<pid>/environ
+    # holds its process title now: setproctitle writes there).
+    assert {"SITELINK_DATABASE_URL", "PGPASSWORD"} <= stack.env.keys()
     below = descendants(monitor)
     assert {"sitelink-zygote", f"sitelink-c{cid}"} <= {comm(pid) for pid in below}
     url = stack.env["SITELINK_DATABASE_URL"]
@@ -261,6 +265,7 @@ class MadeUp:
     checkout: Path
     env: dict[str, str]
     make: list[str]
+    up_output: str = ""
 
     def run(self, target: str, stdin: str = "") -> str:
         done = subprocess.run([*self.make, target], env=self.env, input=stdin, capture_output=True, text=True,
@@ -296,6 +301,7 @@ def made_up() -> Iterator[MadeUp]:
         "SITELINK_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
         "SITELINK_STATUS_FEED": f"tcp://127.0.0.1:{free_port()}",
         "SITELINK_SNAPSHOT_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+        "SITELINK_WEB_PORT": str(free_port()),
         "SITELINK_PG_FAST": "1",
         # An operator may well set these: the connection children must not get them.
         "SITELINK_DATABASE_URL": config.load({"SITELINK_HOME": str(checkout),
@@ -307,7 +313,7 @@ def made_up() -> Iterator[MadeUp]:
     made = MadeUp(checkout, env, ["make", "--no-print-directory", "-C", str(checkout),
                                   "-o", str(venv / ".installed"), "-o", str(venv / "bin" / "python")])
     try:
-        made.run("up")
+        made.up_output = made.run("up")
         yield made
     finally:
         subprocess.run([*made.make, "down"], env=env, capture_output=True, timeout=120)
@@ -327,8 +333,10 @@ def test_make_up_runs_supervisord_and_every_program_as_the_service_user(made_up)
     processes = stack_processes(made_up)
     names = set(processes.values())
     assert {"postgres", "mosquitto", "sitelink-zygote"} <= names, names
-    assert sum(cmdline(pid).split()[-1] in ("services.logger", "services.monitor", "services.demo")
-               for pid in processes) == 3
+    titles = [cmdline(pid).strip() for pid in processes]
+    assert "sitelink: logger" in titles and "sitelink: demo publisher" in titles
+    assert any(t.startswith("sitelink: web ") for t in titles), titles
+    assert sum(t.startswith("sitelink: monitor ") for t in titles) == 1
     for pid, name in processes.items():
         assert set(uids(pid)) == {service_uid()}, f"{name} (pid {pid}) runs as {uids(pid)}"
     assert service_uid() != 0
@@ -389,4 +397,15 @@ def test_make_status_psql_and_supervisorctl_work_for_who_ran_make_up(made_up):
     ctl = subprocess.run([str(made_up.checkout / ".venv" / "bin" / "supervisorctl"), "-c",
                           str(made_up.checkout / "supervisor_conf" / "supervisord.conf"), "status"],
                          env=made_up.env, capture_output=True, text=True, timeout=30)
-    assert ctl.stdout.count("RUNNING") == 5, ctl.stdout + ctl.stderr
+    assert ctl.stdout.count("RUNNING") == 6, ctl.stdout + ctl.stderr
+
+
+def test_make_up_serves_the_status_page_and_says_where(made_up):
+    url = f"http://127.0.0.1:{made_up.env['SITELINK_WEB_PORT']}/"
+    assert url in made_up.up_output, made_up.up_output
+
+    def demo_sites() -> set[str]:
+        with urllib.request.urlopen(url + "api/state", timeout=10) as response:
+            return {site["site"] for site in json.load(response)["sites"]}
+    wait_for(lambda: demo_sites() == {"alpine-hut", "harbour-pump", "vineyard-north", "offshore-buoy"}, 30,
+             "the demo sites on the status page", interval=0.5)
