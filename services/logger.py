@@ -172,7 +172,6 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
     batch, sites = _batch_context(s, batch)
     connection_logs: list[dict] = []
     parse_logs: list[dict] = []
-    quarantined: list[dict] = []
     data: list[tuple[Envelope, Data]] = []
     for env in batch:
         if isinstance(env, Invalid):
@@ -189,17 +188,15 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
                 broker_host=_pg(ev.broker_host), retry_attempt=ev.retry_attempt))
             out.connection_lines.append((ev.level, f"[connection {ev.connection_id}] {ev.message}"))
         elif isinstance(ev, ParseFailure):
-            row = dict(
+            quarantined = ev.error_type in QUARANTINED
+            parse_logs.append(dict(
                 connection_id=ev.connection_id, at=at, topic=_pg(ev.topic), parser_name=_pg(ev.parser_name),
                 error_type=ev.error_type, error_message=_pg(ev.error_message),
                 exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback),
                 payload_sample=payload_sample(ev.payload[:protocol.MAX_PAYLOAD_SAMPLE_BYTES],
-                                              total_bytes=ev.payload_bytes or len(ev.payload)))
-            if ev.error_type in QUARANTINED:
-                quarantined.append({**row, "payload": ev.payload, "replayable": ev.replayable,
-                                    "payload_bytes": ev.payload_bytes or len(ev.payload)})
-            else:
-                parse_logs.append(row)
+                                              total_bytes=ev.payload_bytes or len(ev.payload)),
+                payload=ev.payload if quarantined else None, replayable=ev.replayable,
+                payload_bytes=ev.payload_bytes or len(ev.payload)))
             out.parsing_lines.append(("ERROR", f"[connection {ev.connection_id}] [{ev.error_type}] "
                                                f"{ev.topic}: {ev.error_message}"))
         elif isinstance(ev, Data):
@@ -222,8 +219,6 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
         s.many("parsing_log_insert", parse_logs)
-    if quarantined:
-        s.many("parse_failure_insert", quarantined)
     if data:
         _write_data(s, data, out, sites)
     return out
@@ -726,7 +721,8 @@ class LoggerService:
                     connection_id=connection_id, at=_at(env.ts), topic=_pg(getattr(ev, "topic", "")),
                     parser_name="", error_type="DB_ERROR", error_message=_pg(message),
                     exception_type=type(exc.__cause__ or exc).__name__, traceback="",
-                    payload_sample=payload_sample(text.encode())))
+                    payload_sample=payload_sample(text.encode()), payload=None, replayable=None,
+                    payload_bytes=None))
         except db.DatabaseUnavailable:
             raise
         except db.DataRejected as again:

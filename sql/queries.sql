@@ -255,17 +255,8 @@ FROM mqtt_connection c
 WHERE c.id = %(connection_id)s;
 
 -- name: parsing_log_insert
-INSERT INTO mqtt_parsing_log
-    (site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
-     exception_type, exception_traceback, payload_sample)
-SELECT c.site_id, c.id, %(at)s, %(topic)s, %(parser_name)s, %(error_type)s, %(error_message)s,
-       %(exception_type)s, %(traceback)s, %(payload_sample)s
-FROM mqtt_connection c
-WHERE c.id = %(connection_id)s;
-
--- name: parse_failure_insert
--- A payload that failed to parse: its parsing-log row and, linked to it, the
--- payload itself in the quarantine (for replay).
+-- A parsing-log row and, when it comes with a payload that failed to parse,
+-- that payload in the quarantine (for replay), linked to the row.
 WITH log AS (
     INSERT INTO mqtt_parsing_log
         (site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
@@ -281,7 +272,8 @@ INSERT INTO mqtt_quarantine
      payload, payload_bytes, replayable)
 SELECT id, site_id, connection_id, timestamp, topic, parser_name, error_type, error_message,
        %(payload)s, %(payload_bytes)s, %(replayable)s
-FROM log;
+FROM log
+WHERE %(payload)s::bytea IS NOT NULL;
 
 -- Devices: registered on first sight, last_seen_at moved forward, marked
 -- online again by a report at least as recent as the last one (a replay of
