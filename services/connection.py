@@ -1,10 +1,19 @@
 """A child: one MQTT connection, for one site.
 
-Started by the monitor, which writes the connection's settings (password
-included) to the child's stdin: never argv, never the environment. For
-debugging, run one alone; it then reads its settings from the database:
+Forked by the zygote (services/zygote.py), which received the connection's
+settings (password included) from the monitor on its control socket: never
+argv, never the environment. For debugging, run one alone; it then reads its
+settings from the database (or, with --settings-stdin, from stdin):
 
     python -m services.connection --connection-id 7
+
+Whatever its broker sends stops at this module's boundary: a packet larger
+than SITELINK_MAX_PAYLOAD allows is never assembled in memory
+(``ReadAheadClient``), any message it cannot turn into data becomes one
+parsing-log row (``_on_message``), QoS 1 and 2 messages are acknowledged to
+the broker only once the logger has committed what they produced, and a
+child the logger cannot keep up with stops reading but keeps its session
+alive and says so (``_while_paused``).
 
 It connects with paho-mqtt (v2 callback API) in a single-threaded loop that
 polls the MQTT socket, the logger's acks and a signal pipe together; it
