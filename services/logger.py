@@ -49,7 +49,10 @@ from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, F
 from shared.signals import SignalPipe
 
 PAYLOAD_SAMPLE_CHARS = 5000
-STREAM_IDLE_FORGET = 3600.0
+#: A sender process silent this long is forgotten (a live one resends within
+#: RESEND_CAP; a quiet site's child that speaks again has its floor read back
+#: from sitelink_stream).
+STREAM_IDLE_FORGET = 600.0
 #: How long the committed floor of a sender process is kept in the database
 #: (long after any process could re-send).
 STREAM_ROWS_KEPT = 7 * 24 * 3600.0
@@ -62,7 +65,7 @@ RCVHWM = 1000
 SEQ_WINDOW = 10_000_000
 #: Sender processes the logger keeps delivery state for; beyond, the idlest go
 #: (their floor stays in sitelink_stream).
-MAX_STREAMS = 100_000
+MAX_STREAMS = 20_000
 #: Frames read in one go before the loop looks at its other sockets.
 READ_BURST = 10_000
 #: How often the feed says when each site last sent data.

@@ -306,6 +306,11 @@ class Monitor:
             self.change_state(rec, S.BACKOFF, until=now)
         if rec.state is S.BACKOFF:
             return "start" if rec.until <= now else None  # our own delay, by our own clock
+        if row["claim"] == "taken" and row.get("expires_in") is not None:
+            # A live holder renews long before this; one that died or froze
+            # does not: look again the moment its claim runs out, not a whole
+            # interval later.
+            self.next_cycle = min(self.next_cycle, now + max(0.0, row["expires_in"]) + 0.05)
         if rec.state is not S.IDLE or row["claim"] == "taken":
             return None
         if row["is_due"] or rec.fresh:

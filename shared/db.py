@@ -121,7 +121,10 @@ def connect_options(url: str, bound: float | None) -> dict[str, Any]:
     return {"connect_timeout": max(2, math.ceil(bound)),  # libpq's floor is 2 s
             "keepalives": 1, "keepalives_idle": probe, "keepalives_interval": probe, "keepalives_count": 2,
             "tcp_user_timeout": ms,
-            "options": f"{options} -c statement_timeout={ms}".strip()}
+            # A process frozen (SIGSTOP) in the middle of a transaction would
+            # hold its row locks, and every other monitor's claims would wait
+            # on them: PostgreSQL ends such a transaction itself.
+            "options": f"{options} -c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}".strip()}
 
 
 class Session:

@@ -35,6 +35,7 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
+       extract(epoch FROM c.claim_expires_at - now())::float8 AS expires_in,
        CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
             WHEN c.claim_owner = %(incarnation)s THEN 'mine'
             ELSE 'taken' END AS claim

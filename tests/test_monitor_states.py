@@ -145,9 +145,11 @@ class FakeFleet:
         for cid, row in sorted(self.rows.items()):
             owner = self.claims.get(cid, [None])[0]
             due_in = None if row["next_retry"] is None else row["next_retry"] - self.clock()
+            expires = self.claims.get(cid, [None, None])[1]
             rows.append({**row, "config_hash": config_hash(row), "claim": self.claim_of(cid),
                          "claimed_by": owner, "claim_epoch": self.epochs.get(cid, 0),
-                         "is_due": due_in is None or due_in <= 0, "due_in": due_in})
+                         "is_due": due_in is None or due_in <= 0, "due_in": due_in,
+                         "expires_in": None if expires is None else expires - self.clock()})
         return Snapshot(rows, [None, *self.others])
 
     def claim(self, ids: list[int], limit: int) -> dict[int, int]:
@@ -455,6 +457,22 @@ def test_a_monitor_that_wakes_from_a_freeze_does_not_fight_for_what_others_took(
     assert set(world.fleet.calls) >= {"snapshot"} and "claim" in world.fleet.calls
 
 
+def test_a_claim_of_a_monitor_that_died_is_taken_the_moment_it_runs_out(world):
+    """Not up to an interval later: the cycle before the expiry schedules the next one at it."""
+    world.fleet.others = [None]
+    world.pass_()  # our cycles: every 5 s from here
+    world.clock.advance(2.5)
+    world.fleet.add(1)
+    world.fleet.take(1)  # held by a monitor that then dies: nobody renews it
+    expiry = world.fleet.claims[1][1]  # between two of our cycles
+    world.pass_()  # the new row, as its NOTIFY says: taken by another
+    while world.state(1) is S.IDLE:
+        assert world.monitor.next_cycle <= expiry + 0.1  # never a cycle that overshoots it
+        world.clock.now = world.monitor.next_cycle  # the loop waits exactly until its next cycle
+        world.pass_(notified=False)
+    assert world.state(1) is S.RUNNING and 0 <= world.clock() - expiry < 0.1
+
+
 def test_a_claim_found_taken_stops_the_child_at_once(world):
     running(world, 1)
     pid = world.pid(1)
@@ -627,7 +645,8 @@ def test_every_database_call_of_the_monitor_is_bounded_well_inside_the_lease():
     settings = config.load({"SITELINK_CLAIM_LEASE": "90"})
     options = db.connect_options("postgresql://u@h/d?options=-c%20search_path%3Dx", settings.db_bound)
     assert settings.db_bound == 5.0 < settings.claim_lease - settings.lease_trusted
-    assert options["options"] == "-c search_path=x -c statement_timeout=5000"
+    assert options["options"] == ("-c search_path=x -c statement_timeout=5000 "
+                                  "-c idle_in_transaction_session_timeout=5000")
     assert options["tcp_user_timeout"] == 5000 and options["keepalives"] == 1
     assert options["connect_timeout"] == 5
     assert config.load({"SITELINK_CLAIM_LEASE": "3", "SITELINK_MONITOR_INTERVAL": "1"}).db_bound == 0.75
