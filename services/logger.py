@@ -43,7 +43,7 @@ import zmq
 from loguru import logger
 
 from services.retention import Retention
-from shared import backoff, config, curve, db, exitcodes, feed, logs, process, protocol, runfile
+from shared import backoff, boot, config, curve, db, exitcodes, feed, logs, protocol, runfile
 from shared.protocol import (Ack, ConnectionLog, Data, DeviceChange, Envelope, Flow, Invalid, MonitorCycle,
                              ParseFailure, Refusal, StatusChange)
 from shared.signals import SignalPipe
@@ -853,19 +853,7 @@ class LoggerService:
 
 
 def main() -> int:
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        print(f"sitelink logger: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
-    process.raise_fd_limit()
-    process.set_title("sitelink: logger", "sitelink-logger")
-    logs.setup("logger", settings.log_level, channel_dir=settings.log_dir)
-    try:
-        db.wait_until_ready(settings.database_url, "sitelink-logger").close()
-    except db.SchemaBehind as exc:
-        logger.error("{}", exc)
-        return exitcodes.CONFIG
+    settings = boot.start("logger", lambda s: "sitelink: logger", "sitelink-logger", files=True)
     try:
         service = LoggerService(settings)
     except (zmq.ZMQError, OSError, ValueError) as exc:

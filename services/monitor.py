@@ -52,7 +52,7 @@ from services.fleet import SLACK, Fleet, MembershipLost, Outage, Snapshot, share
 from services.processes import Exit, Processes, SpawnError
 from services.zygote import SpawnRefused
 from services.states import CLAIMED, TRANSITIONS, WITH_CHILD, ConnState, IllegalTransition
-from shared import backoff, config, curve, db, exitcodes, logs, process, runfile
+from shared import backoff, boot, config, curve, db, exitcodes, runfile
 from shared.connections import ConnectionSettings
 from shared.events import EventSender
 from shared.protocol import ConnectionLog, DeviceChange, MonitorCycle, StatusChange
@@ -750,19 +750,9 @@ class Monitor:
 
 
 def main() -> int:
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        print(f"sitelink monitor: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
-    process.raise_fd_limit()
-    process.set_title(f"sitelink: monitor {settings.instance_id}", "sitelink-mon")
-    logs.setup("monitor", settings.log_level)
-    try:
-        db.wait_until_ready(settings.database_url, "sitelink-monitor", settings.db_bound).close()
-    except db.SchemaBehind as exc:
-        logger.error("{}", exc)
-        return exitcodes.CONFIG
+    loaded = boot.settings("monitor")
+    settings = boot.start("monitor", lambda s: f"sitelink: monitor {s.instance_id}", "sitelink-mon",
+                          bound=loaded.db_bound, loaded=loaded)
     try:
         keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)
         processes = Processes(settings)

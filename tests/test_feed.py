@@ -197,7 +197,7 @@ def test_make_watch_prints_the_current_state_at_once_then_changes(stack, broker)
                 if text in line or not line:
                     return text in line
         assert read_until('"status": "connected"')  # the state, before any change
-        assert any(line.startswith(f"mqtt_status.site.") and f'"connection_id": {cid}' in line for line in lines)
+        assert any(line.startswith("mqtt_status.site.") and f'"connection_id": {cid}' in line for line in lines)
         stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
         assert read_until('"status": "disconnected"')
     finally:

@@ -9,7 +9,7 @@ import asyncio
 import signal
 import sys
 
-from shared import config, exitcodes, logs, process
+from shared import boot, config
 from services.web import app
 
 
@@ -23,19 +23,15 @@ async def _run(settings: config.Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        print(f"sitelink web: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
+    settings = boot.settings("web")
     if argv == ["--url"]:
         print(app.url_of(settings))
         return 0
     if argv:
         print("usage: python -m services.web [--url]", file=sys.stderr)
         return 2
-    process.set_title(f"sitelink: web {app.url_of(settings)}", "sitelink-web")
-    logs.setup("web", settings.log_level)
+    # The page starts without PostgreSQL (its errors answer 503 until it is there).
+    boot.start("web", lambda s: f"sitelink: web {app.url_of(s)}", "sitelink-web", database=False, loaded=settings)
     return asyncio.run(_run(settings))
 
 
