@@ -14,7 +14,7 @@ import zmq
 
 from shared import protocol
 from shared.protocol import Ack, Batch, Data, Envelope
-from tests.conftest import Stack
+from tests.stack import Stack
 from tests.support import (Mosquitto, Publisher, alive, logger_client, memory_kib, monitor_children, remove_tree,
                            wait_for, world_traversable_tmpdir)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import SQL
+from tests.stack import SQL
 from tests.support import (ROOT, alive, children_of, cmdline, comm, free_port, joined_feed, monitor_children, reading,
                            wait_for)
 

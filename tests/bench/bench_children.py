@@ -33,7 +33,7 @@ from tests.bench import results
 from tests.bench.harness import (CpuMeter, LineProcess, broker_connection_holders, default, descendants,
                                  env_float, env_int, fmt, measure_quietly, median, memory, parent_pid,
                                  service_defaults, start_time, wait_until_quiet)
-from tests.conftest import SQL, Stack
+from tests.stack import SQL, Stack
 from tests.support import alive, cmdline, wait_for
 
 K = env_int("SITELINK_BENCH_CHILDREN", 200)

@@ -33,7 +33,7 @@ from tests.bench import results
 from tests.bench.harness import (WARMUP, CpuMeter, default, broker_connection_holders, descendants,
                                  env_int, fmt, go, measure_quietly, median, percentile, publishers,
                                  service_defaults, wait_until_quiet)
-from tests.conftest import Stack
+from tests.stack import Stack
 from tests.support import alive, wait_for
 
 FLIPS = env_int("SITELINK_BENCH_FLIPS", 30)

@@ -52,7 +52,7 @@ from services.fleet import SLACK, share
 from tests.bench import results
 from tests.bench.harness import (BENCH_DIR, LineProcess, describe_broker, describe_pg, env_float, env_int, fmt,
                                  median, percentile, service_defaults, wait_until_quiet)
-from tests.conftest import SQL, Stack
+from tests.stack import SQL, Stack
 from tests.support import (FeedSubscriber, Mosquitto, client_id_takeovers, comm, connection_children,
                            python_service, remove_tree, stop_process, world_traversable_tmpdir)
 

@@ -40,7 +40,7 @@ from tests.bench.harness import (BENCH_DIR, DRAIN, PUBLISH_RATE, SECONDS, WARMUP
                                  default, describe_broker, describe_pg, descendants, env_int, fmt, go, median,
                                  measure_quietly, peak_rss, publishers, service_defaults, summaries,
                                  wait_until_quiet)
-from tests.conftest import Stack
+from tests.stack import Stack
 
 #: sitelink and the bare reference run this many times each (alternating); the ratio uses their medians.
 ROUNDS = env_int("SITELINK_BENCH_ROUNDS", 2)

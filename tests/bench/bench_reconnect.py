@@ -37,7 +37,7 @@ import pytest
 from tests.bench import results
 from tests.bench.harness import (CpuMeter, default, descendants, env_float, env_int, fmt, measure_quietly,
                                  service_defaults, wait_until_quiet)
-from tests.conftest import SQL, Stack
+from tests.stack import SQL, Stack
 from tests.support import Mosquitto, remove_tree, wait_for, world_traversable_tmpdir
 
 K = env_int("SITELINK_BENCH_CHILDREN", 200)

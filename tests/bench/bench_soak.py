@@ -29,7 +29,7 @@ import zmq
 from tests import hostile
 from tests.bench import results
 from tests.bench.harness import env_float, env_int, fmt, memory, service_defaults, wait_until_quiet
-from tests.conftest import Stack
+from tests.stack import Stack
 from tests.support import SteadyPublisher, alive, children_of, comm, monitor_children, wait_for
 
 SECONDS = env_float("SITELINK_BENCH_SOAK_SECONDS", 600.0)

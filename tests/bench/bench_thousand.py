@@ -51,7 +51,7 @@ from tests.bench import results
 from tests.bench.harness import (BENCH_DIR, CpuMeter, LineProcess, descendants, describe_broker, describe_pg,
                                  env_float, env_int, fmt, median, memory, percentile, service_defaults,
                                  start_time, wait_until_quiet)
-from tests.conftest import SQL, Stack
+from tests.stack import SQL, Stack
 from tests.support import (Mosquitto, alive, children_of, comm, remove_tree, wait_for,
                            world_traversable_tmpdir)
 
