@@ -42,7 +42,10 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
 FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 -- An inactive, disconnected row nobody of ours holds needs nothing: of
 -- 10,000 rows mostly inactive, the cycle reads only those it may act on.
-WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s OR c.id = ANY(%(held)s)
+-- The held ids as a subquery: PostgreSQL hashes it once, where "= ANY(array)"
+-- compared every inactive row with every held id (9,000 x 1000: 28 of 34 ms).
+WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s
+   OR c.id IN (SELECT unnest(%(held)s::bigint[]))
 ORDER BY c.id;
 
 -- name: connection_settings
