@@ -152,12 +152,14 @@ class Fleet:
                                                 "lease": self.settings.claim_lease})
         return {r["id"]: r["claim_epoch"] for r in rows}
 
-    def renew(self, ids: list[int]) -> set[int]:
-        """Renew our claims on ``ids``; release any other of ours; return those renewed."""
+    def renew(self, ids: list[int], keep: list[int] | None = None) -> set[int]:
+        """Renew our claims on ``ids``; release those of ours neither renewed nor in ``keep``
+        (claims renewed earlier, still ours); return those renewed."""
         with self.db.transaction() as s:
             renewed = {r["id"] for r in s.rows("renew_claims", {**self._me(), "ids": ids,
                                                                  "lease": self.settings.claim_lease})}
-            s.run("release_claims_except", {**self._me(), "keep": list(renewed)})
+            kept = renewed if keep is None else renewed | (set(keep) - set(ids))
+            s.run("release_claims_except", {**self._me(), "keep": list(kept)})
         return renewed
 
     def release(self, ids: list[int]) -> None:

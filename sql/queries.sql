@@ -131,8 +131,9 @@ WHERE claim_owner = %(incarnation)s AND claim_expires_at > now() AND id = ANY(%(
 RETURNING id;
 
 -- name: release_claims_except
+-- The kept ids as a subquery, hashed once (not a scan of the array per claim).
 UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
-WHERE claim_owner = %(incarnation)s AND NOT (id = ANY(%(keep)s));
+WHERE claim_owner = %(incarnation)s AND id NOT IN (SELECT unnest(%(keep)s::bigint[]));
 
 -- name: release_claims
 UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL

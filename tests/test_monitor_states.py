@@ -162,12 +162,13 @@ class FakeFleet:
                 self.epochs[cid] = won[cid] = self.epochs.get(cid, 0) + 1
         return won
 
-    def renew(self, ids: list[int]) -> set[int]:
+    def renew(self, ids: list[int], keep: list[int] | None = None) -> set[int]:
         self._call("renew")
         renewed = {cid for cid in ids if self.claim_of(cid) == "mine"}
         for cid in renewed:
             self.claims[cid][1] = self.clock() + LEASE
-        for cid in [c for c in self.claims if self.claims[c][0] == ME and c not in renewed]:
+        kept = renewed if keep is None else renewed | (set(keep) - set(ids))
+        for cid in [c for c in self.claims if self.claims[c][0] == ME and c not in kept]:
             del self.claims[cid]
         return renewed
 
@@ -235,6 +236,8 @@ class World:
         if notified or self.monitor.wake_now or self.clock() >= self.monitor.next_cycle:
             self.monitor.wake_now = False
             self.monitor.cycle()
+        elif self.monitor.member and self.clock() >= self.monitor.next_renewal:
+            self.monitor._renew_between_cycles()
         self.monitor.enforce_leases()
         self.monitor.escalate_stops()
 
