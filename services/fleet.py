@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from loguru import logger
@@ -123,8 +124,13 @@ class Fleet:
             s.run("fleet_notify", {"payload": f"fleet:{self.incarnation}"})
         return None
 
-    def snapshot(self, held: list[int], holds: int) -> Snapshot:
-        """Heartbeat, the live monitors and the rows, in one transaction."""
+    def snapshot(self, held: list[int], holds: int, known: Mapping[int, str] | None = None) -> Snapshot:
+        """Heartbeat, the live monitors and the rows, in one transaction.
+
+        ``known``: the configuration hash the caller has for each connection;
+        only the rows with another one come with their broker settings (and
+        the hash of those settings)."""
+        known = known or {}
         with self.db.transaction() as s:
             s.run("commit_without_waiting")
             if s.one("monitor_heartbeat", {**self._me(), "holds": holds,
@@ -132,6 +138,17 @@ class Fleet:
                 raise MembershipLost(f"another monitor took instance id {self.instance_id!r} over")
             capacities = [r["capacity"] for r in s.rows("fleet_members")]
             rows = s.rows("monitor_connections", {"incarnation": self.incarnation, "held": held})
+            new = [r["id"] for r in rows if known.get(r["id"]) != r["config_hash"]]
+            if new:
+                settings = {r["id"]: r for r in s.rows("monitor_settings", {"ids": new})}
+                kept = []
+                for r in rows:
+                    if r["id"] in settings:
+                        r.update(settings[r["id"]])
+                    elif known.get(r["id"]) != r["config_hash"]:
+                        continue  # deleted between the two statements: gone, as if not read
+                    kept.append(r)
+                rows = kept
         return Snapshot(rows, capacities)
 
     def leave(self) -> None:

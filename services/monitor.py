@@ -73,6 +73,10 @@ CLAIM_RETRY = 0.25
 #: any that would be due before the next step): one statement over 1000 rows, with the CHECK
 #: constraints and triggers of mqtt_connection, took 36 ms, a quarter of it 10 ms.
 RENEW_SLICES = 4
+#: Devices are looked for to mark offline at most this often, as a share of the
+#: shortest SITELINK_*_OFFLINE_AFTER (30 s of the default 600 s): three UPDATEs
+#: every cycle of every monitor found nothing new nearly always.
+OFFLINE_SCAN_SHARE = 1 / 20
 FOREVER = float("inf")
 
 
@@ -149,6 +153,8 @@ class Monitor:
         self.next_cycle = 0.0
         self.cycle_started = -FOREVER
         self.next_renewal = -FOREVER
+        self.released_at = -FOREVER  # when our claims not kept were last released
+        self.next_offline_scan = -FOREVER
         self.fence_published = 0.0
         self.share_seen = (0, 0, 0)  # share, active, live monitors
 
@@ -217,7 +223,9 @@ class Monitor:
         if not self._take_part():
             return
         try:
-            snapshot = self.fleet.snapshot(held=self._held_ids(), holds=len(self._counted()))
+            snapshot = self.fleet.snapshot(held=self._held_ids(), holds=len(self._counted()),
+                                           known={cid: r.config_hash for cid, r in self.records.items()
+                                                  if r.settings is not None and r.config_hash is not None})
         except MembershipLost as exc:
             self._membership_lost(exc)
             return
@@ -351,9 +359,10 @@ class Monitor:
     def _settings_for(self, rec: Record, row: dict) -> ConnectionSettings:
         """The row's settings, rebuilt only when its configuration changed.
 
-        Every cycle reads every row; PostgreSQL hashes each row's
-        configuration so that an unchanged row costs a comparison, not
-        an object and a digest (10,000 rows in a few ms).
+        Every cycle reads every row it may act on; PostgreSQL hashes each
+        row's configuration so that an unchanged row costs a comparison, not
+        an object and a digest, and its settings are not even read
+        (``Fleet.snapshot``: only rows with a hash we do not know come with them).
         """
         if rec.settings is not None and rec.config_hash == row["config_hash"]:
             return rec.settings
@@ -398,9 +407,11 @@ class Monitor:
 
         Every ``renew_every / RENEW_SLICES`` seconds, the oldest
         ``1 / RENEW_SLICES`` of the claims we keep are renewed, and any claim
-        that would otherwise pass ``renew_every`` before the next step: each
-        claim is still renewed every quarter lease, but no step renews them
-        all at once. Our other claims (none we keep) are released.
+        that would otherwise be renewed more than half a step late: each claim
+        is still renewed every quarter lease, but no step renews them all at
+        once (claims won together are spread over the first steps). Our other
+        claims (none we keep) are released, at every step, or every quarter
+        lease while we keep none.
         """
         now = self.clock()
         if now < self.next_renewal:
@@ -408,16 +419,20 @@ class Monitor:
         step = self.settings.renew_every / RENEW_SLICES
         held = [r for r in self.records.values()
                 if r.state in CLAIMED and not (r.state is S.STOPPING and r.after_stop is After.DROP)]
+        if not held and now < self.released_at + self.settings.renew_every:
+            self.next_renewal = now + step
+            return True
         held.sort(key=lambda r: (r.lease_from, r.connection_id))
         quota = -(-len(held) // RENEW_SLICES)
         due = [r for i, r in enumerate(held)
-               if i < quota or r.lease_from + self.settings.renew_every <= now + step]
+               if i < quota or r.lease_from + self.settings.renew_every <= now + step / 2]
         try:
             renewed = self.fleet.renew([r.connection_id for r in due], keep=[r.connection_id for r in held])
         except db.DatabaseError as exc:
             self._db_failed("renewing claims", exc)
             return False
-        self.next_renewal = now + (step if held else self.settings.renew_every)
+        self.next_renewal = now + step
+        self.released_at = now
         for rec in due:
             if rec.connection_id in renewed:
                 rec.lease_from = now  # measured from before the statement began
@@ -553,11 +568,17 @@ class Monitor:
     # -- 3e. devices, and the cycle's log
 
     def _mark_offline(self) -> dict[str, int]:
+        now = self.clock()
+        if now < self.next_offline_scan:
+            return {}
         try:
             found = self.fleet.mark_offline()
         except db.DatabaseError as exc:
             self._db_failed("marking devices offline", exc)
             return {}
+        s = self.settings
+        self.next_offline_scan = now + OFFLINE_SCAN_SHARE * min(
+            s.gateway_offline_after, s.datalogger_offline_after, s.sensor_offline_after)
         for kind, rows in found.items():
             for r in rows:
                 self.events.send(DeviceChange(device_kind=kind, device_id=r["id"], site_id=r["site_id"],

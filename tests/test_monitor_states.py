@@ -137,7 +137,7 @@ class FakeFleet:
         self._call("join")
         return self.occupied
 
-    def snapshot(self, held: list[int], holds: int) -> Snapshot:
+    def snapshot(self, held: list[int], holds: int, known=None) -> Snapshot:
         self._call("snapshot")
         if not self.member:
             raise MembershipLost("another monitor took instance id 'me' over")
