@@ -219,22 +219,38 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     return times
 
 
-#: The groups of processes that make the whole stack (the publishers are not part of it).
-STACK_GROUPS = ("monitor + zygote + children", "logger", "mosquitto", "postgres")
+def _wakeups(pid: int) -> int | None:
+    """Context switches of ``pid`` so far (voluntary + not): how often it ran."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
 
 
-def _idle_cpu(groups: dict, p: Plan) -> dict:
+def _idle_cpu(stack: Stack, broker: Mosquitto, durable_pg, p: Plan) -> dict:
     """CPU of the whole stack over p.idle_seconds while every site is connected and nobody
     publishes: what keeping the connections alive costs (keepalives, timers, the monitor's
-    cycles, PostgreSQL serving them). The bench only sleeps meanwhile."""
-    meter = CpuMeter({name: groups[name] for name in STACK_GROUPS})
+    cycles and renewals, PostgreSQL serving them). The bench only sleeps meanwhile. Also how
+    often each child ran (context switches per second, median): its timers."""
+    fam = _family(stack)
+    groups = {"monitor": lambda: fam["monitor"], "zygote": lambda: fam["zygote"],
+              "children": lambda: fam["children"], "logger": lambda: [stack.pid("logger")],
+              "mosquitto": lambda: [broker.proc.pid],
+              "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]}
+    meter = CpuMeter(groups)
     print(f"[thousand] measuring the idle stack's CPU for {p.idle_seconds:g} s", flush=True)
+    switches0 = {pid: _wakeups(pid) for pid in fam["children"]}
     meter.start()
     time.sleep(p.idle_seconds)
     meter.stop()
+    switches1 = {pid: _wakeups(pid) for pid in fam["children"]}
+    rates = [(switches1[pid] - n0) / meter.seconds for pid, n0 in switches0.items()
+             if n0 is not None and switches1.get(pid) is not None]
     total = sum(meter.used.values())
     return {"seconds": meter.seconds, "pct": 100 * total / meter.seconds if meter.seconds else None,
             "groups": {name: 100 * used / meter.seconds for name, used in meter.used.items()},
+            "child_wakeups": median(rates) if rates else None,
             "describe": meter.describe(), "disturbed": meter.disturbed()}
 
 
@@ -346,7 +362,7 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
                          interval=0.2)
             except AssertionError as exc:
                 print(f"[thousand] {exc}", flush=True)
-        f["idle"] = _idle_cpu(groups, p) if connected >= p.n and p.idle_seconds > 0 else None
+        f["idle"] = _idle_cpu(stack, broker, durable_pg, p) if connected >= p.n and p.idle_seconds > 0 else None
         per = -(-p.n // PUBLISHERS)
         for i in range(PUBLISHERS):
             first = 1 + i * per
@@ -538,7 +554,8 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
         pct = idle_cpu["pct"] if idle_cpu else None
         shown = "n/a (not all connected)" if idle_cpu is None else (
             f"**{fmt(pct, 2)} %** over {fmt(idle_cpu['seconds'], 0)} s ("
-            + ", ".join(f"{name} {fmt(v, 2)} %" for name, v in idle_cpu["groups"].items()) + ")"
+            + ", ".join(f"{name} {fmt(v, 2)} %" for name, v in idle_cpu["groups"].items())
+            + f"; each child ran {fmt(idle_cpu['child_wakeups'], 1)} times a second, median)"
             + (f" **{idle_cpu['disturbed']}**" if idle_cpu["disturbed"] else ""))
         rows.insert(10, [f"{p.n} connected idle sites: CPU of the whole stack (monitor, zygote, children, "
                          f"logger, Mosquitto, PostgreSQL), % of one core", shown,
