@@ -182,12 +182,17 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     import psycopg
     from psycopg.rows import dict_row
 
+    from services.monitor import RENEW_SLICES
     from shared import db
     q = db.QUERIES
+    SLICE = ("renew a slice of the claims, as each renewal step does (a quarter of them: `renew_claims` + "
+             "`release_claims_except`)")
+    ALL = "... all of them in one statement, as before the slices"
     times: dict[str, list[float]] = {"read the rows it may act on (`monitor_connections`, fetched as dicts)": [],
                                      "... of which PostgreSQL's execution (EXPLAIN ANALYZE)": [],
-                                     "renew claims (`renew_claims` + `release_claims_except`)": [],
-                                     "mark devices offline (3 queries)": []}
+                                     SLICE: [],
+                                     ALL: [],
+                                     "mark devices offline (3 queries; every 30 s, not every cycle)": []}
     with psycopg.connect(url, row_factory=dict_row, application_name="sitelink-bench-probe") as conn:
         me = conn.execute("SELECT claim_owner FROM mqtt_connection WHERE claim_owner IS NOT NULL LIMIT 1").fetchone()
         me = me["claim_owner"] if me else ""
@@ -197,10 +202,13 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
             steps = [
                 ("read the rows it may act on (`monitor_connections`, fetched as dicts)",
                  [(q["monitor_connections"], {"incarnation": me, "held": ids})]),
-                ("renew claims (`renew_claims` + `release_claims_except`)",
+                (SLICE,
+                 [(q["renew_claims"], {"incarnation": me, "lease": 90.0, "ids": ids[:-(-len(ids) // RENEW_SLICES)]}),
+                  (q["release_claims_except"], {"incarnation": me, "keep": ids})]),
+                (ALL,
                  [(q["renew_claims"], {"incarnation": me, "lease": 90.0, "ids": ids}),
                   (q["release_claims_except"], {"incarnation": me, "keep": ids})]),
-                ("mark devices offline (3 queries)",
+                ("mark devices offline (3 queries; every 30 s, not every cycle)",
                  [(q[f"mark_offline_{k}s"], {"after": 600.0}) for k in ("gateway", "datalogger", "sensor")]),
             ]
             for label, statements in steps:
