@@ -430,6 +430,8 @@ class Monitor:
             renewed = self.fleet.renew([r.connection_id for r in due], keep=[r.connection_id for r in held])
         except db.DatabaseError as exc:
             self._db_failed("renewing claims", exc)
+            # Tried again soon (between cycles too), never in a busy loop.
+            self.next_renewal = now + min(step, max(1.0, self.settings.db_bound))
             return False
         self.next_renewal = now + step
         self.released_at = now

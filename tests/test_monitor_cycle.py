@@ -116,3 +116,17 @@ def test_a_change_whose_notify_never_came_is_acted_on_by_the_periodic_cycle(stac
              timeout=20, what="the child restarted with the new topic")
     assert not stack.sql.rows("SELECT 1 FROM mqtt_connection_log WHERE connection_id = %s "
                               "AND message LIKE 'settings changed%%'", other)
+
+
+def test_renewal_steps_are_not_retried_in_a_busy_loop_while_postgres_is_down():
+    world = World()
+    running(world, 1, 2, 3)
+    world.fleet.down = True
+    world.fleet.calls.clear()
+    for _ in range(200):  # 10 s of passes, 50 ms apart (the loop as it runs between cycles)
+        world.pass_(0.05, notified=False)
+    renewals = world.fleet.calls.count("renew")
+    assert 1 <= renewals <= 10 / min(SETTINGS.renew_every / RENEW_SLICES, max(1.0, SETTINGS.db_bound)) + 2
+    world.fleet.down = False
+    world.run_for(SETTINGS.renew_every)
+    assert all(world.state(c) is S.RUNNING for c in (1, 2, 3))
