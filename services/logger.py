@@ -167,6 +167,8 @@ class Outcome:
 # ------------------------------------------------------------- batch writing
 
 Item = Envelope | Invalid
+#: Events of the status lane (with every refusal): news a user waits for, never behind a data batch.
+URGENT = (StatusChange, Flow)
 
 
 def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
@@ -458,8 +460,12 @@ class LoggerService:
         self.data_said_at = 0.0
         self.db = db.Database(settings.database_url, "sitelink-logger")
         self.streams: dict[tuple[str, str], Stream] = {}
+        #: The data lane: readings, logs, parse failures; stored once full or SITELINK_BATCH_WAIT old.
         self.pending: list[Item] = []
-        self.pending_bytes = 0
+        #: The status lane: status and flow changes and refusals, stored in a short
+        #: transaction of their own before any data, as soon as they are read.
+        self.urgent: list[Item] = []
+        self.pending_bytes = 0  # of both lanes
         self.batch_started: float | None = None
         self.db_failures = 0
         self.db_retry_at = 0.0
@@ -503,34 +509,39 @@ class LoggerService:
                 self._say_data_seen()
                 self.publisher.heartbeat()
                 self._prune()
-                if not self.pending and not self.db_failures:
+                if not self.pending and not self.urgent and not self.db_failures:
                     self.retention.step()
         finally:
             self._shutdown()
             signals.close()
 
     def _full(self) -> bool:
-        return len(self.pending) >= self.settings.batch_max or self.pending_bytes >= MAX_BATCH_BYTES
+        """Both lanes together hold at most SITELINK_BATCH_MAX events and MAX_BATCH_BYTES."""
+        return (len(self.pending) + len(self.urgent) >= self.settings.batch_max
+                or self.pending_bytes >= MAX_BATCH_BYTES)
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
-        if not self.pending:
+        if not self.pending and not self.urgent:
             return min(1.0, feed.HEARTBEAT_EVERY, self.retention.wait())
         if self.db_retry_at > now:
             return self.db_retry_at - now
-        assert self.batch_started is not None
-        if self._full():
+        if self.urgent or self._full():
             return 0.0
+        assert self.batch_started is not None
         return max(0.0, self.batch_started + self.settings.batch_wait - now)
 
-    def _batch_ready(self) -> bool:
+    def _data_ready(self, now: float) -> bool:
         if not self.pending:
-            return False
-        now = time.monotonic()
-        if now < self.db_retry_at:
             return False
         assert self.batch_started is not None
         return self._full() or now - self.batch_started >= self.settings.batch_wait
+
+    def _batch_ready(self) -> bool:
+        now = time.monotonic()
+        if now < self.db_retry_at:
+            return False
+        return bool(self.urgent) or self._data_ready(now)
 
     def _receive(self) -> None:
         now = time.monotonic()
@@ -553,6 +564,8 @@ class LoggerService:
             except Exception:  # a frame must never stop the logger
                 logger.exception("could not take a frame of {} bytes; dropped it",
                                  sum(len(f) for f in frames))
+            if self.urgent and now >= self.db_retry_at:
+                return  # status news is stored and published first; the rest waits in ZeroMQ's queue
 
     def _take_frame(self, identity: bytes, frames: list[bytes], now: float) -> None:
         if len(frames) != 2:
@@ -596,24 +609,46 @@ class LoggerService:
                            sender=item.sender, incarnation=item.incarnation, seq=seq, kind=item.event.KIND,
                            connection_id=getattr(item.event, "connection_id", None))
         stream.pending.add(seq)
+        self.pending_bytes += size
+        if isinstance(item, Invalid) or isinstance(item.event, URGENT):
+            self.urgent.append(item)
+            return
         if not self.pending:
             self.batch_started = now
         self.pending.append(item)
-        self.pending_bytes += size
 
-    def _flush(self) -> None:
-        batch = self.pending
+    def _flush(self, everything: bool = False) -> None:
+        """The status lane first, in its own transaction; then the data batch if it is due.
+
+        A status event thus never waits for a data batch being filled or
+        written. The order per sender still holds where it matters: a status
+        row only takes a newer (epoch, seq); the sender's floor and acks count
+        only what is committed, whichever lane committed it.
+        """
+        if self.urgent:
+            if not self._flush_lane(self.urgent):
+                return
+            self.urgent = []
+        if self.pending and (everything or self._data_ready(time.monotonic())):
+            if self._flush_lane(self.pending):
+                self.pending = []
+                self.batch_started = None
+        if not self.pending and not self.urgent:
+            self.pending_bytes = 0
+
+    def _flush_lane(self, batch: list[Item]) -> bool:
+        """Store ``batch``; False if it has to wait (PostgreSQL unreachable), to be tried again."""
         try:
             outcome = self._store(batch)
         except db.DatabaseUnavailable as exc:
-            self._retry_later(exc, len(batch))
-            return
+            self._retry_later(exc, len(self.pending) + len(self.urgent))
+            return False
         except db.DatabaseError as exc:
             if isinstance(exc, db.DataRejected):
                 outcome = self._give_up_on(batch, exc)
             else:  # systemic (privileges...): nothing wrong with the events, try again
-                self._retry_later(exc, len(batch))
-                return
+                self._retry_later(exc, len(self.pending) + len(self.urgent))
+                return False
         except Exception as exc:  # a bug of ours must not stop every site: record, ack, go on
             logger.exception("could not store a batch of {} events", len(batch))
             outcome = self._give_up_on(batch, exc)
@@ -625,10 +660,8 @@ class LoggerService:
         self.db_failures = 0
         self.db_retry_at = 0.0
         self.dropped_frames = 0
-        self.pending = []
-        self.pending_bytes = 0
-        self.batch_started = None
         self._after_commit(batch, outcome)
+        return True
 
     def _retry_later(self, exc: Exception, events: int) -> None:
         self.db_failures += 1
@@ -837,11 +870,11 @@ class LoggerService:
             logger.debug("could not prune sitelink_stream: {}", exc)
 
     def _shutdown(self) -> None:
-        if self.pending and time.monotonic() >= self.db_retry_at:
-            self._flush()
-        if self.pending:
+        if (self.pending or self.urgent) and time.monotonic() >= self.db_retry_at:
+            self._flush(everything=True)
+        if self.pending or self.urgent:
             logger.warning("exiting with {} events not stored; their senders will send them again",
-                           len(self.pending))
+                           len(self.pending) + len(self.urgent))
         self.router.close(linger=0)
         self.snapshots.close(linger=0)
         self.feed.close(linger=1000)

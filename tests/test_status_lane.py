@@ -1,0 +1,50 @@
+"""The logger's status lane: a status change is stored and published before the
+data batch it arrived behind, and nothing of that batch is lost or reordered."""
+
+from __future__ import annotations
+
+import time
+
+from shared import protocol
+from shared.protocol import Ack, Data, Envelope, StatusChange
+from tests.support import logger_client, wait_for
+
+BASE_TS = 1795860000  # 2026-11-28T10:00:00Z
+READINGS = 50
+
+
+def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_back(stack):
+    cid = stack.sql.add_site("lane", port=stack.broker.port, active=False)
+    # The data batch cannot be due before the logger stops: it waits to be filled.
+    stack.start("logger", SITELINK_BATCH_WAIT="3600", SITELINK_BATCH_MAX="100000")
+    feed = stack.feed()
+    # Joined once a heartbeat arrives: nothing published after it is missed.
+    wait_for(lambda: feed.socket.poll(0) and feed.socket.recv_multipart(), timeout=30, what="a feed heartbeat")
+    with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
+        def send(seq, event):
+            sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation="lane-1", seq=seq, floor=0,
+                                                 ts=time.time(), event=event)))
+        for n in range(1, READINGS + 1):
+            send(n, Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
+                         sensors={"S": {"n": float(n)}}))
+        send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
+
+        _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
+                                what="the status on the feed")
+        assert body["status"] == "connected"
+        assert stack.sql.status(cid) == "connected"
+        # Behind it, the data batch is still held: nothing of it is stored, or acknowledged.
+        assert stack.sql.value("SELECT count(*) FROM reading") == 0
+        uptos = []
+        while sender.poll(0):
+            message = protocol.decode_reply(sender.recv())
+            if isinstance(message, Ack):
+                uptos.append(message.upto)
+        assert all(upto == 0 for upto in uptos)
+
+        # On SIGTERM the logger stores the held batch: every reading once, the floor past the status.
+        stack.stop("logger")
+    assert stack.sql.value("SELECT count(*) FROM reading") == READINGS
+    assert stack.sql.value("SELECT committed_upto FROM sitelink_stream WHERE sender = %s AND incarnation = %s",
+                           f"conn:{cid}", "lane-1") == READINGS + 1
+    assert stack.sql.status(cid) == "connected"
