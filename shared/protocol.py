@@ -568,11 +568,32 @@ def _typed(doc: dict, key: str, types_: type | tuple[type, ...]) -> Any:
     return value
 
 
+#: Hints tested by exact type (msgpack makes no subclasses): a float field takes an int too.
+_EXACT = {type(None): (type(None),), float: (float, int), int: (int,), bool: (bool,)}
+
+
+def _exact_types(hint: Any) -> frozenset | None:
+    """The exact types a hint (or a union of such hints) accepts, if it is that simple."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if not all(arg in _EXACT for arg in args):
+        return None
+    return frozenset(t for arg in args for t in _EXACT[arg])
+
+
 def _checker(hint: Any) -> Callable[[Any], bool]:
     """A fast test for one field's type, built once per event class."""
     origin = typing.get_origin(hint)
+    exact = _exact_types(hint)
+    if exact is not None:
+        if len(exact) == 1:
+            [only] = exact
+            return lambda value: type(value) is only
+        return lambda value: type(value) in exact
     if origin in (Union, types.UnionType):
         checks = [_checker(arg) for arg in typing.get_args(hint)]
+        if len(checks) == 2:
+            first, second = checks
+            return lambda value: first(value) or second(value)
         return lambda value: any(check(value) for check in checks)
     if hint is type(None):
         return lambda value: value is None
@@ -604,8 +625,14 @@ def _schema(cls: type) -> _Schema:
     return schema
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(entry[0] for entry in _schema(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(entry[0] for entry in _schema(cls))
+    return names
 
 
 def _build(cls: type, body: dict) -> Any:
