@@ -321,48 +321,57 @@ def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection
 
 def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome, sites: Sites) -> None:
     """Devices and readings for a batch, set-based: four statements whatever its size."""
-    gateways: dict[tuple[int, str], datetime] = {}
+    # Times kept as epoch seconds, made datetimes once per device (not per reading).
+    gateways: dict[tuple[int, str], float] = {}
+    site_seen: dict[int, float] = {}
     for env, ev in items:
         key = (ev.connection_id, ev.gateway)
-        gateways[key] = max(gateways.get(key, _at(0)), _at(env.ts))
+        ts = env.ts
+        if gateways.get(key, -1.0) < ts:
+            gateways[key] = ts
         site_id = sites.get(("conn", ev.connection_id))
-        if site_id is not None:
-            out.saw_data(site_id, sites.get(("site", site_id)), _at(env.ts))
+        if site_id is not None and site_seen.get(site_id, -1.0) < ts:
+            site_seen[site_id] = ts
+    for site_id, ts in site_seen.items():
+        out.saw_data(site_id, sites.get(("site", site_id)), _at(ts))
     rows = s.rows("upsert_gateways", {"connection_ids": [k[0] for k in gateways],
                                       "names": [k[1] for k in gateways],
-                                      "seen": list(gateways.values())})
+                                      "seen": [_at(ts) for ts in gateways.values()]})
     gateway_id = {(r["connection_id"], r["name"]): r["id"] for r in rows}
     _announce(out, "gateway", rows, sites)
 
-    dataloggers: dict[tuple[int, str], datetime] = {}
+    dataloggers: dict[tuple[int, str], float] = {}
     for env, ev in items:
         gw = gateway_id.get((ev.connection_id, ev.gateway))
         if gw is not None and ev.datalogger is not None:
             key = (gw, ev.datalogger)
-            dataloggers[key] = max(dataloggers.get(key, _at(0)), _at(env.ts))
+            if dataloggers.get(key, -1.0) < env.ts:
+                dataloggers[key] = env.ts
     datalogger_id: dict[tuple[int, str], int] = {}
     if dataloggers:
         rows = s.rows("upsert_dataloggers", {"gateway_ids": [k[0] for k in dataloggers],
                                              "names": [k[1] for k in dataloggers],
-                                             "seen": list(dataloggers.values())})
+                                             "seen": [_at(ts) for ts in dataloggers.values()]})
         datalogger_id = {(r["gateway_id"], r["name"]): r["id"] for r in rows}
         _announce(out, "datalogger", rows, sites)
 
-    sensors: dict[tuple[int, int | None, str], datetime] = {}
+    sensors: dict[tuple[int, int | None, str], float] = {}
     for env, ev in items:
         gw = gateway_id.get((ev.connection_id, ev.gateway))
         if gw is None:
             continue
         dl = datalogger_id.get((gw, ev.datalogger)) if ev.datalogger is not None else None
+        ts = env.ts
         for name in ev.sensors:
             key = (gw, dl, name)
-            sensors[key] = max(sensors.get(key, _at(0)), _at(env.ts))
+            if sensors.get(key, -1.0) < ts:
+                sensors[key] = ts
     if not sensors:
         return
     rows = s.rows("upsert_sensors", {"gateway_ids": [k[0] for k in sensors],
                                      "datalogger_ids": [k[1] for k in sensors],
                                      "names": [k[2] for k in sensors],
-                                     "seen": list(sensors.values())})
+                                     "seen": [_at(ts) for ts in sensors.values()]})
     sensor_id = {(r["gateway_id"], r["datalogger_id"], r["name"]): r["id"] for r in rows}
     _announce(out, "sensor", rows, sites)
 
