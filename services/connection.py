@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import collections.abc
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 import traceback
@@ -111,6 +113,11 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: A PUBACK as paho writes it (MQTT 3.1.1 and 5: reason code omitted, i.e. success).
+PUBACK_COMMAND = PacketTypes.PUBACK << 4
+_PUBACK = struct.Struct("!BBH")
+
+
 class ReadAheadClient(mqtt.Client):
     """paho with three changes at the boundary where a broker's bytes enter.
 
@@ -134,7 +141,7 @@ class ReadAheadClient(mqtt.Client):
 
     These rely on paho's private ``_sock_recv``, ``_in_packet``,
     ``_handle_publish``, ``_handle_pubrel``, ``_send_pubrec``,
-    ``_send_pubcomp``, ``_ping_t`` and ``_send_pingreq``: pyproject pins
+    ``_send_pubcomp``, ``_packet_queue``, ``_ping_t`` and ``_send_pingreq``: pyproject pins
     paho-mqtt below 2.3 and ``tests/test_limits.py`` checks they exist.
     """
 
@@ -150,6 +157,7 @@ class ReadAheadClient(mqtt.Client):
         self._oversized: int | None = None
         self._qos2_receiving = False
         self._qos2_mid: int | None = None
+        self._filtered = False
 
     @property
     def buffered(self) -> bool:
@@ -198,6 +206,71 @@ class ReadAheadClient(mqtt.Client):
         self._ahead, self._ahead_at, self._giant = b"", 0, None
         super()._sock_close()
 
+    # -- the fast path: QoS 0/1 PUBLISH packets straight from the read-ahead buffer
+
+    def message_callback_add(self, sub, callback):
+        self._filtered = True  # paho's topic matcher then decides: no fast path
+        return super().message_callback_add(sub, callback)
+
+    def read_publishes(self, stop: collections.abc.Callable[[], bool], limit: int) -> int:
+        """Hand each whole QoS 0 or 1 PUBLISH at the head of the read-ahead
+        buffer to ``on_message``, without paho's per-packet machinery (three
+        reads, a dict, a decode, the topic matcher); return how many.
+
+        It stops, leaving the rest to paho's own ``loop_read``, at anything
+        else: another packet type, QoS 2 (PUBREC after the commit), a packet
+        larger than ``max_packet`` (never assembled: ``_Giant``), a packet not
+        all read yet, one paho would call malformed, MQTT 5 (properties), a
+        filtered callback (``message_callback_add``); and when ``stop()`` says
+        so (the child is paused), checked before each message as ``_read_burst``
+        does between packets.
+        """
+        if (self._in_packet["command"] != 0 or self._giant is not None or self._protocol == mqtt.MQTTv5
+                or self._filtered or self.on_message is None):
+            return 0
+        buf, at = self._ahead, self._ahead_at
+        end = len(buf)
+        on_message, userdata, max_packet = self.on_message, self._userdata, self.max_packet
+        handled = 0
+        now = mqtt.time_func()
+        with self._in_callback_mutex:
+            while at + 4 <= end and handled < limit and self._ahead is buf and not stop():
+                header = buf[at]
+                qos = (header & 0x06) >> 1
+                if header & 0xF0 != 0x30 or qos == 2 or qos == 3:
+                    break
+                length, shift, i = 0, 0, at + 1
+                while i < end and shift < 28:
+                    byte = buf[i]
+                    i += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                else:
+                    break  # the length is not all here, or longer than MQTT allows: paho's to judge
+                body_end = i + length
+                if length > max_packet or body_end > end or length < 2:
+                    break
+                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                payload_at = topic_end + 2 if qos else topic_end
+                if topic_end == i + 2 or payload_at > body_end:
+                    break  # an empty topic, or one longer than the packet: malformed
+                message = mqtt.MQTTMessage(((buf[topic_end] << 8) | buf[topic_end + 1]) if qos else 0,
+                                           buf[i + 2:topic_end])
+                message.qos = qos
+                message.dup = bool(header & 0x08)
+                message.retain = bool(header & 0x01)
+                message.payload = buf[payload_at:body_end]
+                message.timestamp = now
+                at = self._ahead_at = body_end
+                handled += 1
+                on_message(self, userdata, message)
+        if handled:
+            with self._msgtime_mutex:
+                self._last_bytes_received = now
+        return handled
+
     # -- QoS 2: PUBREC after the commit
 
     def _handle_publish(self):
@@ -224,6 +297,21 @@ class ReadAheadClient(mqtt.Client):
         if qos == 2 and self._manual_ack:
             return self._send_pubrec(mid)
         return super().ack(mid, qos)
+
+    def ack_many(self, acks: collections.abc.Iterable[tuple[int, int]]) -> None:
+        """``ack`` each (mid, qos), the PUBACKs of a run of QoS 1 messages in one
+        write: paho queues and writes each packet by itself, a syscall per message."""
+        pubacks = bytearray()
+        for mid, qos in acks:
+            if qos == 1 and self._manual_ack:
+                pubacks += _PUBACK.pack(PUBACK_COMMAND, 2, mid)
+                continue
+            if pubacks:
+                self._packet_queue(PUBACK_COMMAND, bytes(pubacks), 0, 0)
+                pubacks = bytearray()
+            self.ack(mid, qos)
+        if pubacks:
+            self._packet_queue(PUBACK_COMMAND, bytes(pubacks), 0, 0)
 
     def _handle_pubrel(self):
         rc = super()._handle_pubrel()  # finds nothing stored: delivered on PUBLISH already
@@ -620,9 +708,12 @@ class ConnectionChild:
     def _ack_committed(self) -> None:
         """PUBACK (or PUBCOMP) every message whose events the logger committed."""
         committed = self.events.acked
+        done = []
         while self.broker_acks and self.broker_acks[0][0] <= committed:
             _, mid, qos = self.broker_acks.popleft()
-            self.client.ack(mid, qos)
+            done.append((mid, qos))
+        if done:
+            self.client.ack_many(done)
 
     @property
     def paused(self) -> bool:
@@ -796,7 +887,17 @@ class ConnectionChild:
         """
         ready = select.poll()
         ready.register(sock.fileno(), select.POLLIN)
-        for _ in range(READ_BURST):
+        fast = getattr(self.client, "read_publishes", None)
+        paused = lambda: self.paused  # noqa: E731
+        budget = READ_BURST
+        while budget > 0:
+            if fast is not None:
+                handled = fast(paused, budget)
+                if handled:
+                    budget -= handled
+                    if self.client.socket() is not sock or self.paused or budget <= 0:
+                        return
+            budget -= 1
             self.client.loop_read()
             current = self.client.socket()
             if current is not sock or self.paused:

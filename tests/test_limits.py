@@ -37,7 +37,7 @@ def test_every_limit_is_in_the_security_section_with_its_value():
 def test_the_private_parts_of_paho_we_rely_on_exist():
     client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id="probe", manual_ack=True)
     for name in ("_sock_recv", "_sock_close", "_handle_publish", "_handle_pubrel", "_send_pubrec",
-                 "_send_pubcomp", "_send_pingreq", "_handle_on_message"):
+                 "_send_pubcomp", "_send_pingreq", "_handle_on_message", "_packet_queue"):
         assert callable(getattr(mqtt.Client, name, None)), name
     for name in ("_in_packet", "_ping_t", "_in_messages", "_in_message_mutex", "_manual_ack", "_protocol"):
         assert hasattr(client, name), name
