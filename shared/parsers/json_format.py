@@ -146,26 +146,39 @@ def _sensors(value: object) -> dict[str, dict[str, float]]:
     sensors: dict[str, dict[str, float]] = {}
     values = 0
     for sensor, metrics in value.items():
-        where = f"sensors.{printable(sensor[:MAX_NAME_CHARS])}"
+        # Error paths name the field; they are built only when one is needed (not per value).
         _check_identifier("sensors (sensor name)", sensor)
         if not isinstance(metrics, dict):
-            raise PayloadValidationError(where, f"expected an object of metrics, got {_json_type(metrics)}")
+            raise PayloadValidationError(_where(sensor), f"expected an object of metrics, got {_json_type(metrics)}")
         if not metrics:
-            raise PayloadValidationError(where, "has no metrics")
+            raise PayloadValidationError(_where(sensor), "has no metrics")
         if len(metrics) > limits.MAX_METRICS:
-            raise PayloadValidationError(where, f"has {len(metrics)} metrics, at most {limits.MAX_METRICS} allowed")
+            raise PayloadValidationError(_where(sensor),
+                                         f"has {len(metrics)} metrics, at most {limits.MAX_METRICS} allowed")
         values += len(metrics)
         if values > limits.MAX_VALUES:
             raise PayloadValidationError("sensors", f"more than {limits.MAX_VALUES} values in one message")
         clean: dict[str, float] = {}
         for metric, number in metrics.items():
-            field_name = f"{where}.{printable(metric[:MAX_NAME_CHARS])}"
-            _check_identifier(f"{where} (metric name)", metric)
-            if isinstance(number, bool) or not isinstance(number, (int, float)):
-                raise PayloadValidationError(field_name, f"expected a number, got {_json_type(number)}")
+            if type(metric) is not str or limits.name_problem(metric) is not None:
+                _check_identifier(f"{_where(sensor)} (metric name)", metric)
+            kind = type(number)
+            if kind is float and math.isfinite(number):
+                clean[metric] = number
+                continue
+            if kind is bool or not isinstance(number, (int, float)):
+                raise PayloadValidationError(_field(sensor, metric), f"expected a number, got {_json_type(number)}")
             finite = _finite(number)
             if finite is None:
-                raise PayloadValidationError(field_name, "must be a finite number")
+                raise PayloadValidationError(_field(sensor, metric), "must be a finite number")
             clean[metric] = finite
         sensors[sensor] = clean
     return sensors
+
+
+def _where(sensor: str) -> str:
+    return f"sensors.{printable(sensor[:MAX_NAME_CHARS])}"
+
+
+def _field(sensor: str, metric: str) -> str:
+    return f"{_where(sensor)}.{printable(metric[:MAX_NAME_CHARS])}"
