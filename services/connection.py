@@ -256,13 +256,9 @@ class ReadAheadClient(mqtt.Client):
                 payload_at = topic_end + 2 if qos else topic_end
                 if topic_end == i + 2 or payload_at > body_end:
                     break  # an empty topic, or one longer than the packet: malformed
-                message = mqtt.MQTTMessage(((buf[topic_end] << 8) | buf[topic_end + 1]) if qos else 0,
-                                           buf[i + 2:topic_end])
-                message.qos = qos
-                message.dup = bool(header & 0x08)
-                message.retain = bool(header & 0x01)
-                message.payload = buf[payload_at:body_end]
-                message.timestamp = now
+                message = _Published(((buf[topic_end] << 8) | buf[topic_end + 1]) if qos else 0,
+                                     buf[i + 2:topic_end], buf[payload_at:body_end], qos,
+                                     bool(header & 0x08), bool(header & 0x01), now)
                 at = self._ahead_at = body_end
                 handled += 1
                 on_message(self, userdata, message)
@@ -327,6 +323,25 @@ class ReadAheadClient(mqtt.Client):
         PINGREQ, whose answer waits unread; paho must not count it as missing."""
         self._send_pingreq()
         self._ping_t = 0
+
+
+class _Published:
+    """A received message as the fast path hands it over: what ``mqtt.MQTTMessage``
+    offers a handler, without the MQTTMessageInfo (a lock and a condition) that
+    paho builds for each received message and that receiving never uses."""
+
+    __slots__ = ("mid", "_topic", "payload", "qos", "dup", "retain", "timestamp", "properties", "state")
+
+    def __init__(self, mid: int, topic: bytes, payload: bytes, qos: int, dup: bool, retain: bool,
+                 timestamp: float):
+        self.mid, self._topic, self.payload, self.qos = mid, topic, payload, qos
+        self.dup, self.retain, self.timestamp = dup, retain, timestamp
+        self.properties = None
+        self.state = 0
+
+    @property
+    def topic(self) -> str:
+        return self._topic.decode("utf-8")  # raises on invalid UTF-8, as paho's does
 
 
 class _Giant:
