@@ -384,8 +384,12 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
         for name, metrics in ev.sensors.items():
             sensor_ids.append(sensor_id[(gw, dl, name)])
             stamps.append(ev.ts)
-            values.append(json.dumps(metrics, allow_nan=False))
+            values.append(_metrics_json(metrics))
     s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
+
+
+#: One encoder for every reading (json.dumps with an option builds a new one per call).
+_metrics_json = json.JSONEncoder(allow_nan=False).encode
 
 
 def _announce(out: Outcome, kind: str, rows: list[dict], sites: Sites) -> None:
