@@ -3,7 +3,11 @@
 It receives events on a ZeroMQ ROUTER, writes them to PostgreSQL in batches
 (one transaction per batch), and only after the commit writes the file logs,
 publishes status changes on the status feed (PUB) and acknowledges the events
-to their senders.
+to their senders. Two lanes: status and flow changes and refusals are stored
+(and published) as soon as they are read, in a short transaction of their own
+before the data batch in progress; data waits to fill a batch
+(SITELINK_BATCH_MAX, SITELINK_BATCH_WAIT). Both lanes together hold at most
+one batch's worth of events.
 
 Its socket is a trust boundary. Only sitelink's processes can reach it (an
 ``ipc://`` socket in a private directory, or CURVE on TCP: ``shared/curve``),
