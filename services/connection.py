@@ -232,6 +232,7 @@ class ReadAheadClient(mqtt.Client):
         end = len(buf)
         on_message, userdata, max_packet = self.on_message, self._userdata, self.max_packet
         handled = 0
+        auto_acks = bytearray()
         now = mqtt.time_func()
         with self._in_callback_mutex:
             while at + 4 <= end and handled < limit and self._ahead is buf and not stop():
@@ -262,6 +263,10 @@ class ReadAheadClient(mqtt.Client):
                 at = self._ahead_at = body_end
                 handled += 1
                 on_message(self, userdata, message)
+                if qos and not self._manual_ack:  # acks on receipt: paho's PUBACK after on_message
+                    auto_acks += _PUBACK.pack(PUBACK_COMMAND, 2, message.mid)
+        if auto_acks:
+            self._packet_queue(PUBACK_COMMAND, bytes(auto_acks), 0, 0)
         if handled:
             with self._msgtime_mutex:
                 self._last_bytes_received = now

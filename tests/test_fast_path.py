@@ -106,3 +106,25 @@ def test_the_fast_path_stops_when_told_to():
         client._sock = None
         ours.close()
         theirs.close()
+
+
+def test_with_acks_on_receipt_the_fast_path_sends_the_pubacks_paho_would():
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id="fast", manual_ack=False)
+    got = []
+    client.on_message = lambda c, u, m: got.append(m.mid)
+    client._sock = ours
+    try:
+        theirs.send(b"".join(publish(b"t", b"p", qos=n % 2, mid=n) for n in range(1, 21)))
+        client.loop_read()
+        assert client.read_publishes(lambda: False, 100) == 19
+        client.loop_write()
+        theirs.setblocking(False)
+        acks = theirs.recv(1000)
+        assert acks == b"".join(struct.pack("!BBH", 0x40, 2, n) for n in range(1, 21, 2))
+        assert got == [n if n % 2 else 0 for n in range(1, 21)]  # a QoS 0 message has no packet id
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
