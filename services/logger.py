@@ -389,12 +389,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             sensor_ids.append(sensor_id[(gw, dl, name)])
             stamps.append(ev.ts)
             values.append(_metrics_json(metrics))
-    readings = {"sensor_ids": sensor_ids, "ts": stamps, "values": values}
-    try:
-        with s.savepoint():
-            s.run("insert_readings_new", readings)
-    except db.DataRejected:  # a reading already stored (a resend), or a bad one: the careful statement says
-        s.run("insert_readings", readings)
+    s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
 
 
 #: One encoder for every reading (json.dumps with an option builds a new one per call).

@@ -362,15 +362,6 @@ SELECT sensor_id, to_timestamp(ts), v::jsonb
 FROM unnest(%(sensor_ids)b::bigint[], %(ts)b::float8[], %(values)b::text[]) AS u(sensor_id, ts, v)
 ON CONFLICT (sensor_id, ts) DO NOTHING;
 
--- name: insert_readings_new
--- The usual batch: none of its readings is stored yet. A plain INSERT costs
--- PostgreSQL about 30% less than ON CONFLICT's speculative insertion; the
--- logger runs it in a savepoint and, if it fails (a resend of something
--- stored: a unique violation), runs insert_readings instead.
-INSERT INTO reading (sensor_id, ts, "values")
-SELECT sensor_id, to_timestamp(ts), v::jsonb
-FROM unnest(%(sensor_ids)b::bigint[], %(ts)b::float8[], %(values)b::text[]) AS u(sensor_id, ts, v);
-
 -- name: stream_floors
 SELECT sender, incarnation, committed_upto
 FROM sitelink_stream

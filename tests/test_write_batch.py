@@ -1,6 +1,6 @@
-"""The logger's batch writer against a real PostgreSQL: readings are tried with a
-plain INSERT first; a batch holding readings already stored (a resend), or the
-same reading twice, still stores each reading once and the rest of the batch."""
+"""The logger's batch writer against a real PostgreSQL: a batch holding readings
+already stored (a resend), or the same reading twice, still stores each
+reading once and the rest of the batch."""
 
 from __future__ import annotations
 
