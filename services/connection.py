@@ -1009,16 +1009,21 @@ def load_settings_from_db(settings: config.Settings, connection_id: int) -> Conn
     return ConnectionSettings.from_mapping(row)
 
 
-def run_child(settings: config.Settings, conn: ConnectionSettings, keys: curve.Keys | None = None) -> int:
+def run_child(settings: config.Settings, conn: ConnectionSettings, keys: curve.Keys | None = None,
+              logs_ready: bool = False) -> int:
     """Run one connection until it is told to stop; return the exit code.
 
-    Shared by the zygote's forked children and by ``main`` below.
+    Shared by the zygote's forked children (whose logs the zygote set up:
+    ``logs_ready``) and by ``main`` below.
     """
     process.set_title(f"sitelink: conn {conn.connection_id} {conn.site_name}".rstrip(),
                       f"sitelink-c{conn.connection_id}")
     if conn.monitor_pid and not process.die_with(conn.monitor_pid, signal.SIGTERM):
         return exitcodes.ORPHANED  # the monitor is gone: never run unsupervised
-    logs.setup(f"conn-{conn.connection_id}", settings.log_level)
+    if logs_ready:
+        logs.rename(f"conn-{conn.connection_id}")
+    else:
+        logs.setup(f"conn-{conn.connection_id}", settings.log_level)
     if keys is None:
         keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)
     return ConnectionChild(settings, conn, keys).run()  # unusable settings: status error, exit code CONFIG

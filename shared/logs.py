@@ -56,6 +56,12 @@ def setup(process: str, level: str = "INFO", channel_dir: Path | None = None) ->
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
 
 
+def rename(process: str) -> None:
+    """Name the process in the lines of a set-up inherited through a fork
+    (the zygote's children): cheaper than a new ``setup``."""
+    logger.configure(extra={"process": process, "channel": None})
+
+
 def channel(name: str):
     """A logger whose records go to the file of ``name`` (and to stderr)."""
     return logger.bind(channel=name)
