@@ -12,9 +12,12 @@ is a child's settings, password included; the answer is the child's PID, or
 a refusal with its reason when the request cannot be used (too large, not
 settings, or settings with problems): that is the connection's fault, not the
 zygote's, and the monitor shows it as that connection's ``error``. A child is
-forked through a short-lived intermediate, so that it is re-parented
-to the monitor (a child subreaper): the monitor reaps it and is its parent for
-PR_SET_PDEATHSIG, exactly as if it had started it itself.
+the monitor's child, not the zygote's: the monitor reaps it and is its parent
+for PR_SET_PDEATHSIG, exactly as if it had started it itself. The zygote forks
+it with clone(CLONE_PARENT), one fork (``_parent_clone``); where that is not
+available, through a short-lived intermediate that exits at once, so that the
+child is re-parented to the monitor (a child subreaper): two forks, twice the
+cost.
 
     python -m services.zygote --fd N --monitor-pid PID   (started by the monitor)
 """
@@ -40,6 +43,13 @@ MAX_REQUEST = 1 << 20
 MAX_REASON = 8192
 #: Exit code of a child whose start failed inside the zygote (EX_SOFTWARE).
 EXIT_CHILD_SETUP = 70
+#: clone(2) flags (linux/sched.h).
+CLONE_PARENT = 0x00008000
+CLONE_CHILD_CLEARTID = 0x00200000
+CLONE_CHILD_SETTID = 0x01000000
+#: clone's syscall number by machine, and whether its ``tls`` argument comes
+#: before ``child_tid`` (it comes after on x86_64).
+CLONE_SYSCALL = {"x86_64": (56, False), "aarch64": (220, True)}
 
 
 class SpawnRefused(Exception):
@@ -62,6 +72,8 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     process.set_title(f"sitelink: zygote of monitor {settings.instance_id}", "sitelink-zygote")
     keys = curve.for_client(settings.events_endpoint, settings.runtime_dir)  # read once, for every child
     _warm_up(connection, protocol, ConnectionSettings, settings)
+    global _clone_parent
+    _clone_parent = _parent_clone()
     gc.freeze()  # children share these pages instead of copying them on the first GC
     while True:
         try:
@@ -149,8 +161,91 @@ def _warm_up_session(connection, sample, settings) -> None:
             client.loop_write()
 
 
+#: A fork whose child is our parent's (``_parent_clone``), once proven to work here.
+_clone_parent = None
+
+
+def _parent_clone():
+    """fork(2), but the child is our parent's child: clone(CLONE_PARENT), or None
+    where that cannot be had (another machine, a libc that keeps its thread's
+    ID elsewhere, a kernel or sandbox that refuses it).
+
+    Python has no call for it, so this does what os.fork() does around the
+    system call (PyOS_BeforeFork / PyOS_AfterFork_*, with the GIL held: a
+    PyDLL call keeps it) and what glibc's fork does for the thread's ID: the
+    kernel writes the child's TID where glibc keeps it (CLONE_CHILD_SETTID,
+    found in the thread's descriptor) and clears it at exit
+    (CLONE_CHILD_CLEARTID). The zygote has one thread, holds no lock when it
+    forks, and its libraries need no pthread_atfork handler in the child
+    (OpenSSL and libsodium notice a fork by the PID). A first clone, of our
+    own child, proves the TID lands where glibc reads it.
+    """
+    import ctypes
+    import platform
+    import threading
+
+    spec = CLONE_SYSCALL.get(platform.machine())
+    if spec is None:
+        return None
+    number, tls_first = spec
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        syscall, pthread_self = libc.syscall, libc.pthread_self
+        before = ctypes.pythonapi.PyOS_BeforeFork
+        after_in_child = ctypes.pythonapi.PyOS_AfterFork_Child
+        after_in_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+    except (OSError, AttributeError):
+        return None
+    syscall.restype, syscall.argtypes = ctypes.c_long, [ctypes.c_long] * 6
+    pthread_self.restype, pthread_self.argtypes = ctypes.c_void_p, []
+    for f in (before, after_in_child, after_in_parent):
+        f.restype, f.argtypes = None, []
+
+    def tid_in(address: int) -> int:
+        return int.from_bytes(ctypes.string_at(address, 4), sys.byteorder, signed=True)
+
+    me, tid = pthread_self(), threading.get_native_id()
+    places = [me + at for at in range(0, 4096, 4) if tid_in(me + at) == tid]
+    if len(places) != 1:
+        return None
+    [tid_at] = places
+    base = CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | signal.SIGCHLD
+
+    def clone(flags: int) -> int:
+        args = (0, 0, 0, tid_at) if tls_first else (0, 0, tid_at, 0)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # as glibc's fork does
+        before()
+        pid = syscall(number, base | flags, *args)
+        if pid == 0:
+            after_in_child()
+        else:
+            after_in_parent()
+        error = ctypes.get_errno()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pid < 0:
+            raise OSError(error, os.strerror(error))
+        return pid
+
+    try:
+        pid = clone(0)  # the proof: a child of ours, which we can reap
+    except OSError:
+        return None
+    if pid == 0:
+        os._exit(0 if tid_in(tid_at) == threading.get_native_id() == os.getpid() else 1)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        return None
+    return lambda: clone(CLONE_PARENT)
+
+
 def _fork_child(run) -> int:
-    """Fork ``run`` through an intermediate that exits at once; return its PID."""
+    """Fork ``run`` as our parent's child; return its PID."""
+    if _clone_parent is not None:
+        pid = _clone_parent()
+        if pid == 0:  # the child
+            run()  # never returns
+        return pid
+    # Through an intermediate that exits at once: the child is re-parented to the monitor.
     read_end, write_end = os.pipe()
     intermediate = os.fork()
     if intermediate == 0:  # the intermediate
