@@ -61,8 +61,12 @@ from shared.events import EventSender, EventTooLarge
 from shared.protocol import ConnectionLog, Data, Flow, ParseFailure, StatusChange
 from shared.signals import SignalPipe
 
-#: How often the loop wakes at the least, for keepalive pings and timers.
-TICK = 1.0
+#: Longest the loop sleeps when no timer is due sooner: an idle connected
+#: child wakes only for its timers (keepalive ping, ping answer, stall, fence,
+#: resends), not on a fixed tick, so 1000 idle children stay off the CPU.
+TICK = 30.0
+#: Wake this much after a timer is due, not before it (monotonic clocks, poll's milliseconds).
+TIMER_SLACK = 0.005
 #: Most MQTT packets read in one go before the loop polls again.
 READ_BURST = 500
 #: How long an MQTT 5 broker keeps our session while we are away.
@@ -851,7 +855,7 @@ class ConnectionChild:
             self._attempt()
             if self.stopping:
                 return
-        timeout = TICK
+        timeout = self._timers_due_in(now)
         if self.shared is not None:
             timeout = min(timeout, max(0.0, self.fence_until - runfile.clock()))  # wake at the fence
         if self.status in ("disconnected", "error"):
@@ -927,6 +931,29 @@ class ConnectionChild:
             pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
             if not (pending is not None and pending()) and not ready.poll(0):
                 return
+
+    def _timers_due_in(self, now: float) -> float:
+        """Seconds until the first of this child's own timers is due (at most TICK):
+        the CONNACK deadline, paho's keepalive ping (``loop_misc``), the ping's
+        answer and the stall check (``_check_liveness``); paused, every second
+        (``_while_paused``). The fence, the next attempt and the resends are
+        added by the caller."""
+        if self.paused_at is not None:
+            return 1.0
+        due = now + TICK
+        client = self.client
+        if self.status == "connecting" and self.connack_deadline is not None:
+            due = min(due, self.connack_deadline)
+        if self.status == "connected" and client.socket() is not None:
+            keepalive = client._keepalive  # noqa: SLF001 (tests/test_limits.py checks these exist)
+            if keepalive:
+                # paho pings once keepalive s passed without a packet out or a byte in.
+                due = min(due, min(client._last_msg_out, client._last_bytes_received) + keepalive)  # noqa: SLF001
+            if client._ping_t:  # noqa: SLF001
+                due = min(due, client._ping_t + min(self.conn.ping_seconds, keepalive or self.conn.ping_seconds))
+            if self.stall_after is not None:
+                due = min(due, self.last_traffic + self.stall_after)
+        return max(0.0, due - now) + TIMER_SLACK
 
     def _check_liveness(self) -> None:
         """Notice a dead path (no PINGRESP) and a silent stall (no message for too long)."""

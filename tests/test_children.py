@@ -1,0 +1,102 @@
+"""A child's start and its quiet when idle.
+
+The zygote forks each child once, as its own parent's child
+(clone(CLONE_PARENT)): the process that started the zygote (the monitor)
+is the child's parent from its first instant and reaps it, with no
+intermediate and no re-parenting. An idle connected child sleeps until the
+first of its own timers is due, not on a fixed tick.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from services import connection
+from services.connection import TICK, TIMER_SLACK, ConnectionChild
+from services.zygote import CLONE_SYSCALL, Zygote
+from shared.connections import ConnectionSettings
+from tests.support import comm, free_port, wait_for
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(platform.machine() not in CLONE_SYSCALL, reason="the zygote forks through an intermediate here")
+def test_a_child_is_its_monitors_child_from_the_start_and_its_exit_status_reaches_it():
+    zygote = Zygote(request_timeout=30)
+    zygote.start()
+    pid = None
+    try:
+        # Nobody listens on this port: the child keeps retrying until it is killed.
+        pid = zygote.spawn(ConnectionSettings(connection_id=7, site_id=7, broker_host="127.0.0.1",
+                                              broker_port=free_port(), monitor_pid=os.getpid()))
+        # Forked through an intermediate, it would be ours only once that exits, and
+        # then only if we were a child subreaper (this test process is not).
+        assert _parent(pid) == os.getpid()
+        # It runs as the monitor's child: die_with() found us its parent at once.
+        wait_for(lambda: comm(pid) == "sitelink-c7", 15, "the child to name itself")
+        os.kill(pid, signal.SIGKILL)
+        reaped, status = os.waitpid(pid, 0)
+        pid = None
+        assert reaped and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        zygote_pid = zygote.pid
+        zygote.close()  # it exits when its control socket closes
+        os.waitpid(zygote_pid, 0)
+
+
+# --- the loop's timers: a connected idle child sleeps until the first is due ----------------------
+
+def _child(now: float, **kw) -> SimpleNamespace:
+    """What ``ConnectionChild._timers_due_in`` reads, for a connected child whose
+    paho client last sent 10 s ago and last received 5 s ago."""
+    client = SimpleNamespace(socket=lambda: object(), _keepalive=25, _last_msg_out=now - 10,
+                             _last_bytes_received=now - 5, _ping_t=0)
+    conn = SimpleNamespace(ping_seconds=5.0, keepalive=25)
+    base = dict(status="connected", connack_deadline=None, client=client, conn=conn, stall_after=None,
+                last_traffic=now - 5, paused_at=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _due_in(child: SimpleNamespace, now: float) -> float:
+    return ConnectionChild._timers_due_in(child, now) - TIMER_SLACK
+
+
+def test_an_idle_connected_child_sleeps_until_its_keepalive_ping_is_due():
+    now = time.monotonic()
+    # paho pings keepalive s after the older of its last packet out and last byte in.
+    assert _due_in(_child(now), now) == pytest.approx(15)
+    assert TICK >= 25  # no fixed tick wakes it sooner
+
+
+def test_an_unanswered_ping_a_stall_and_a_connack_deadline_wake_it_when_due():
+    now = time.monotonic()
+    pinged = _child(now)
+    pinged.client._ping_t = pinged.client._last_msg_out = pinged.client._last_bytes_received = now - 1
+    assert _due_in(pinged, now) == pytest.approx(4)  # ping_seconds after the ping
+    assert _due_in(_child(now, stall_after=12.0), now) == pytest.approx(7)
+    assert _due_in(_child(now, status="connecting", connack_deadline=now + 3), now) == pytest.approx(3)
+
+
+def test_a_paused_child_still_looks_at_its_path_every_second():
+    now = time.monotonic()
+    assert ConnectionChild._timers_due_in(_child(now, paused_at=now - 2), now) == 1.0
+
+
+def test_an_overdue_timer_wakes_it_at_once_but_never_before_it_is_due():
+    now = time.monotonic()
+    late = _child(now)
+    late.client._last_msg_out = now - 26
+    assert ConnectionChild._timers_due_in(late, now) == TIMER_SLACK
+    assert connection.TIMER_SLACK > 0
