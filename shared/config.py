@@ -206,7 +206,7 @@ class Settings:
     max_rejections: int = _setting("MAX_REJECTIONS", 3, _positive_int,
                                    "Rejections in a row (bad password, not authorised, TLS certificate, "
                                    "client id) after which a child gives up.")
-    connect_rate: float = _setting("CONNECT_RATE", 200.0, _positive_float,
+    connect_rate: float = _setting("CONNECT_RATE", 500.0, _positive_float,
                                    "Most connection attempts per second across one monitor's children.")
     stall_after: float = _setting("STALL_AFTER", 900.0, _positive_float,
                                   "Seconds without a message after which a connected connection is taken "
