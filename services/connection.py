@@ -55,7 +55,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from services.states import CHILD_TRANSITIONS, ChildStatus, IllegalTransition
-from shared import backoff, config, curve, db, exitcodes, limits, logs, parsers, process, protocol, runfile
+from shared import backoff, config, curve, exitcodes, limits, logs, parsers, process, protocol, runfile
 from shared.connections import ConnectionSettings
 from shared.events import EventSender, EventTooLarge
 from shared.protocol import ConnectionLog, Data, Flow, ParseFailure, StatusChange
@@ -1025,6 +1025,8 @@ def _bound_unacknowledged_sends(sock, seconds: float) -> None:
 
 
 def load_settings_from_db(settings: config.Settings, connection_id: int) -> ConnectionSettings:
+    from shared import db  # here only: the zygote and its children never load psycopg and libpq
+
     database = db.Database(settings.database_url, f"sitelink-connection-{connection_id}")
     try:
         with database.transaction() as s:
