@@ -505,9 +505,17 @@ class Monitor:
             # claim) were skipped: look again soon rather than at the next poll. Our
             # own stay ours meanwhile (the snapshot said so); the next one tells.
             self.next_cycle = min(self.next_cycle, self.clock() + CLAIM_RETRY)
-        for rec in own + new:
-            if rec.connection_id in won:
-                self._start(rec, won[rec.connection_id], claimed_at)
+        starting = [r for r in own + new if r.connection_id in won]
+        if starting:
+            # One fence for the whole batch, before its first child: it must cover each of
+            # them (claimed at claimed_at), and working it out per child cost O(records).
+            self._publish_fence(also=claimed_at + self.settings.lease_trusted)
+            started = [(rec, pid) for rec in starting
+                       if (pid := self._start(rec, won[rec.connection_id], claimed_at)) is not None]
+            if started:
+                # One line per batch, not one per child: between two children the zygote waits for us.
+                logger.info("started {} connection(s): {}", len(started),
+                            ", ".join(f"{rec.connection_id} (pid {pid}, epoch {rec.epoch})" for rec, pid in started))
         for rec in reports:
             if rec.connection_id in won:
                 # IDLE -> RELEASING: claimed to say that nobody runs it
@@ -524,8 +532,10 @@ class Monitor:
             # BACKOFF/HELD/FATAL -> RELEASING
             self.change_state(rec, S.RELEASING)
 
-    def _start(self, rec: Record, epoch: int, claimed_at: float) -> None:
-        """Start a child for a connection just claimed under ``epoch``."""
+    def _start(self, rec: Record, epoch: int, claimed_at: float) -> int | None:
+        """Start a child for a connection just claimed under ``epoch``; return its PID, if one started.
+
+        The caller has published a fence that covers ``claimed_at`` (``_publish_fence``)."""
         assert rec.settings is not None
         problems = rec.settings.problems()
         if problems:
@@ -533,10 +543,9 @@ class Monitor:
             self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint,
                               epoch=epoch, lease_from=claimed_at)
             self._report(rec, "error", "cannot start: " + "; ".join(problems))
-            return
+            return None
         # IDLE -> STARTING, BACKOFF -> STARTING
         self.change_state(rec, S.STARTING, epoch=epoch, lease_from=claimed_at)
-        self._publish_fence()  # the child must find a fence that covers it
         settings = dataclasses.replace(rec.settings, epoch=epoch, reset_session=rec.reset_session)
         try:
             pid = self.processes.spawn(settings)
@@ -544,7 +553,7 @@ class Monitor:
             # STARTING -> HELD: reported under our claim, until the row changes
             self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint)
             self._report(rec, "error", f"cannot start: {exc}")
-            return
+            return None
         except SpawnError as exc:
             logger.error("cannot start a child for connection {}: {}", rec.connection_id, exc)
             self.events.send(ConnectionLog(connection_id=rec.connection_id, level="ERROR",
@@ -553,16 +562,20 @@ class Monitor:
             # STARTING -> BACKOFF
             self.change_state(rec, S.BACKOFF, until=self.clock() + backoff.delay(
                 rec.crashes + 1, self.settings.restart_base, self.settings.restart_cap))
-            return
+            return None
         # STARTING -> RUNNING
         self.change_state(rec, S.RUNNING, pid=pid, running=settings, reset_session=False)
-        logger.info("started connection {} (pid {}, epoch {})", rec.connection_id, pid, epoch)
+        return pid
 
-    def _publish_fence(self) -> None:
-        """Tell the children until when our claims on them hold (they stop by themselves after)."""
-        ends = [r.lease_from + self.settings.lease_trusted for r in self.records.values()
+    def _publish_fence(self, also: float | None = None) -> None:
+        """Tell the children until when our claims on them hold (they stop by themselves after);
+        ``also``: the end of claims just won for children about to start."""
+        trusted = self.settings.lease_trusted
+        ends = [r.lease_from + trusted for r in self.records.values()
                 if r.state in (S.STARTING, S.RUNNING)
                 or (r.state is S.STOPPING and r.after_stop is not After.DROP)]
+        if also is not None:
+            ends.append(also)
         if ends and min(ends) > self.fence_published:
             self.fence_published = min(ends)
             self.processes.publish_fence(self.fence_published)
