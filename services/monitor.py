@@ -196,6 +196,10 @@ class Monitor:
     def wait(self, signals: SignalPipe) -> None:
         now = self.clock()
         timeout = max(0.0, min(self.next_cycle, self.next_renewal if self.member else FOREVER) - now)
+        if self.wake_now:
+            # Another cycle at once (more to claim than one batch, a release to act on):
+            # only look at what is ready, do not wait for the next ack or notification.
+            timeout = 0.0
         ends = [end for r in self.records.values()
                 if r.state in CLAIMED and (end := r.lease_from + self.settings.lease_trusted) > now]
         if ends:
@@ -497,9 +501,12 @@ class Monitor:
             self._db_failed("claiming connections", exc)
             return False
         wanted = min(room, len(new))
-        if wanted > CLAIM_BATCH:
-            self.wake_now = True  # more to take than one batch: another cycle at once
-        elif (sum(1 for r in new if r.connection_id in won) < wanted
+        won_new = sum(1 for r in new if r.connection_id in won)
+        if wanted > CLAIM_BATCH and won_new == CLAIM_BATCH:
+            # More to take than one full batch: another cycle at once (``wait`` does not
+            # wait then). A batch not full had rows locked: the retry below, not a busy loop.
+            self.wake_now = True
+        elif (won_new < min(wanted, CLAIM_BATCH)
               or any(r.connection_id not in won for r in own)):
             # Rows locked at that moment (a status being written, another monitor's
             # claim) were skipped: look again soon rather than at the next poll. Our

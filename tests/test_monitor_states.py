@@ -13,7 +13,7 @@ from loguru import logger
 
 from services import fleet as fleet_module
 from services.fleet import Fleet, MembershipLost, Occupied, Outage, Snapshot, share
-from services.monitor import Monitor, Record
+from services.monitor import CLAIM_BATCH, Monitor, Record
 from services.processes import Exit, SpawnError
 from services.states import CHILD_TRANSITIONS, ChildStatus, ConnState, IllegalTransition
 from shared import config, db, exitcodes
@@ -566,6 +566,33 @@ def test_rows_skipped_because_they_were_locked_are_claimed_soon_after(world):
     world.fleet.locked = set()
     world.pass_(0.3, notified=False)
     assert world.state(2) is S.RUNNING
+
+
+def test_more_rows_than_a_batch_are_claimed_by_cycles_that_follow_at_once(world):
+    for cid in range(1, 2 * CLAIM_BATCH + 51):
+        world.fleet.add(cid)
+    world.pass_()
+    assert sum(r.state is S.RUNNING for r in world.monitor.records.values()) == CLAIM_BATCH
+    assert world.monitor.wake_now  # the loop's wait does not wait then
+    world.pass_(notified=False)
+    world.pass_(notified=False)
+    assert all(r.state is S.RUNNING for r in world.monitor.records.values())
+    assert not world.monitor.wake_now
+    # One fence covers every child, published before the first of them.
+    assert world.processes.fence == world.clock() + SETTINGS.lease_trusted
+
+
+def test_a_batch_cut_short_by_locked_rows_is_retried_soon_not_in_a_busy_loop(world):
+    for cid in range(1, 2 * CLAIM_BATCH + 1):
+        world.fleet.add(cid)
+    world.fleet.locked = set(range(1, CLAIM_BATCH + 2))  # more than a batch wanted, fewer won
+    world.pass_()
+    assert not world.monitor.wake_now
+    assert world.monitor.next_cycle <= world.clock() + 0.25
+    world.fleet.locked = set()
+    world.pass_(0.3, notified=False)
+    world.pass_(notified=False)
+    assert all(r.state is S.RUNNING for r in world.monitor.records.values())
 
 
 def test_a_restart_skipped_because_its_row_was_locked_is_tried_again_soon(world):
