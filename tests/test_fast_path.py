@@ -5,6 +5,7 @@ by the end of a read). A real socket pair, no broker: pure packet logic."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -88,34 +89,36 @@ def test_the_fast_path_delivers_what_paho_delivers_in_the_same_order():
     assert big[6] == 300_000 and len(big[1]) <= ReadAheadClient.SAMPLE_BYTES  # cut, never assembled
 
 
-def test_the_fast_path_stops_when_told_to():
+@contextlib.contextmanager
+def client_on_a_socket(manual_ack: bool):
+    """A client reading from one end of a socket pair; the other end, and the
+    packet ids of the messages it delivers, for the test."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id="fast", manual_ack=True)
-    got = []
+    client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id="fast", manual_ack=manual_ack)
+    got: list[int] = []
     client.on_message = lambda c, u, m: got.append(m.mid)
     client._sock = ours
     try:
-        theirs.send(b"".join(publish(b"t", b"p", mid=n) for n in range(1, 11)))
-        client.loop_read()  # the first read: paho's own path fills the read-ahead buffer
-        assert client.read_publishes(lambda: len(got) >= 4, 100) == 3
-        assert client.read_publishes(lambda: False, 2) == 2
-        assert client.read_publishes(lambda: False, 100) == 4
-        assert got == list(range(1, 11))
+        yield client, theirs, got
     finally:
         client._sock = None
         ours.close()
         theirs.close()
 
 
+def test_the_fast_path_stops_when_told_to():
+    with client_on_a_socket(manual_ack=True) as (client, theirs, got):
+        theirs.send(b"".join(publish(b"t", b"p", mid=n) for n in range(1, 11)))
+        client.loop_read()  # the first read: paho's own path fills the read-ahead buffer
+        assert client.read_publishes(lambda: len(got) >= 4, 100) == 3
+        assert client.read_publishes(lambda: False, 2) == 2
+        assert client.read_publishes(lambda: False, 100) == 4
+        assert got == list(range(1, 11))
+
+
 def test_with_acks_on_receipt_the_fast_path_sends_the_pubacks_paho_would():
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id="fast", manual_ack=False)
-    got = []
-    client.on_message = lambda c, u, m: got.append(m.mid)
-    client._sock = ours
-    try:
+    with client_on_a_socket(manual_ack=False) as (client, theirs, got):
         theirs.send(b"".join(publish(b"t", b"p", qos=n % 2, mid=n) for n in range(1, 21)))
         client.loop_read()
         assert client.read_publishes(lambda: False, 100) == 19
@@ -124,7 +127,3 @@ def test_with_acks_on_receipt_the_fast_path_sends_the_pubacks_paho_would():
         acks = theirs.recv(1000)
         assert acks == b"".join(struct.pack("!BBH", 0x40, 2, n) for n in range(1, 21, 2))
         assert got == [n if n % 2 else 0 for n in range(1, 21)]  # a QoS 0 message has no packet id
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
