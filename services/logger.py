@@ -149,6 +149,8 @@ class Outcome:
     parsing_lines: list[tuple[str, str]] = field(default_factory=list)
     #: Events recorded as refused, per stream: (seq, reason), told to the sender with its ack.
     refused: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
+    #: Devices this batch wrote: (kind, key, id, the time written as their last sight), for the cache.
+    devices: list[tuple[str, tuple, int, float]] = field(default_factory=list)
 
     def extend(self, other: Outcome) -> None:
         self.feed += other.feed
@@ -158,6 +160,7 @@ class Outcome:
         self.parsing_lines += other.parsing_lines
         for key, items in other.refused.items():
             self.refused.setdefault(key, []).extend(items)
+        self.devices += other.devices
 
     def refuse(self, stream: tuple[str, str], seq: int, reason: str) -> None:
         self.refused.setdefault(stream, []).append((seq, reason))
@@ -175,8 +178,62 @@ Item = Envelope | Invalid
 URGENT = (StatusChange, Flow)
 
 
-def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
-    """Write ``batch`` inside the caller's transaction; return the after-commit work."""
+#: A device written (its last sight) less than this long ago is not written again.
+DEVICE_REFRESH = 1.0
+#: Devices the cache holds at most (beyond, the stale go, then all).
+DEVICE_CACHE_MAX = 50_000
+
+
+class DeviceCache:
+    """Devices whose last sight this logger committed less than DEVICE_REFRESH s ago.
+
+    Their ids are known and their row is fresh, so a batch that only sees
+    them again skips their upsert (three statements per batch, and a row
+    version of each device each time). A device's last sight in the
+    database thus lags by at most DEVICE_REFRESH; one that went offline
+    (``mark_offline_*``, hundreds of seconds without data) cannot be fresh
+    here, so its coming back online is still announced. Filled only after
+    a commit (an id from a rolled-back batch is no id); emptied whenever a
+    batch fails, since a stale id (a device deleted meanwhile) is a
+    failure the batch is then written again without.
+    """
+
+    def __init__(self, refresh: float = DEVICE_REFRESH, limit: int = DEVICE_CACHE_MAX):
+        self.refresh = refresh
+        self.limit = limit
+        #: (kind, key) -> (id, seen written, when written: monotonic)
+        self.known: dict[tuple[str, tuple], tuple[int, float, float]] = {}
+
+    def fresh(self, kind: str, key: tuple, seen: float, now: float) -> int | None:
+        """The id of a device whose written sight is recent enough to stand for ``seen``."""
+        held = self.known.get((kind, key))
+        if held is None:
+            return None
+        dev_id, written, at = held
+        if now - at >= self.refresh or seen - written >= self.refresh:
+            return None
+        return dev_id
+
+    def learn(self, devices: list[tuple[str, tuple, int, float]], now: float) -> None:
+        known = self.known
+        for kind, key, dev_id, seen in devices:
+            known[(kind, key)] = (dev_id, seen, now)
+        if len(known) > self.limit:
+            for k in [k for k, v in known.items() if now - v[2] >= self.refresh]:
+                del known[k]
+            if len(known) > self.limit:
+                known.clear()
+
+    def clear(self) -> None:
+        self.known.clear()
+
+
+def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = None) -> Outcome:
+    """Write ``batch`` inside the caller's transaction; return the after-commit work.
+
+    ``cache``: devices known fresh, whose upsert is skipped (the caller
+    passes ``Outcome.devices`` to it once committed).
+    """
     out = Outcome()
     batch, sites = _batch_context(s, batch)
     connection_logs: list[dict] = []
@@ -229,7 +286,7 @@ def write_batch(s: db.Session, batch: list[Item]) -> Outcome:
     if parse_logs:
         s.many("parsing_log_insert", parse_logs)
     if data:
-        _write_data(s, data, out, sites)
+        _write_data(s, data, out, sites, cache)
     return out
 
 
@@ -323,8 +380,13 @@ def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection
                                          gave_up=False))
 
 
-def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome, sites: Sites) -> None:
-    """Devices and readings for a batch, set-based: four statements whatever its size."""
+def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome, sites: Sites,
+                cache: DeviceCache | None = None) -> None:
+    """Devices and readings for a batch, set-based: at most four statements whatever its size.
+
+    A device ``cache`` holds fresh is not upserted again (its id is known).
+    """
+    now = time.monotonic()
     # Times kept as epoch seconds, made datetimes once per device (not per reading).
     gateways: dict[tuple[int, str], float] = {}
     site_seen: dict[int, float] = {}
@@ -338,11 +400,13 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             site_seen[site_id] = ts
     for site_id, ts in site_seen.items():
         out.saw_data(site_id, sites.get(("site", site_id)), _at(ts))
-    rows = s.rows("upsert_gateways", {"connection_ids": [k[0] for k in gateways],
-                                      "names": [k[1] for k in gateways],
-                                      "seen": [_at(ts) for ts in gateways.values()]})
-    gateway_id = {(r["connection_id"], r["name"]): r["id"] for r in rows}
-    _announce(out, "gateway", rows, sites)
+    gateway_id, gateways = _known(cache, "gateway", gateways, now)
+    if gateways:
+        rows = s.rows("upsert_gateways", {"connection_ids": [k[0] for k in gateways],
+                                          "names": [k[1] for k in gateways],
+                                          "seen": [_at(ts) for ts in gateways.values()]})
+        _learned(out, "gateway", gateways, gateway_id, {(r["connection_id"], r["name"]): r["id"] for r in rows})
+        _announce(out, "gateway", rows, sites)
 
     dataloggers: dict[tuple[int, str], float] = {}
     for env, ev in items:
@@ -351,12 +415,12 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             key = (gw, ev.datalogger)
             if dataloggers.get(key, -1.0) < env.ts:
                 dataloggers[key] = env.ts
-    datalogger_id: dict[tuple[int, str], int] = {}
+    datalogger_id, dataloggers = _known(cache, "datalogger", dataloggers, now)
     if dataloggers:
         rows = s.rows("upsert_dataloggers", {"gateway_ids": [k[0] for k in dataloggers],
                                              "names": [k[1] for k in dataloggers],
                                              "seen": [_at(ts) for ts in dataloggers.values()]})
-        datalogger_id = {(r["gateway_id"], r["name"]): r["id"] for r in rows}
+        _learned(out, "datalogger", dataloggers, datalogger_id, {(r["gateway_id"], r["name"]): r["id"] for r in rows})
         _announce(out, "datalogger", rows, sites)
 
     sensors: dict[tuple[int, int | None, str], float] = {}
@@ -372,12 +436,15 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
                 sensors[key] = ts
     if not sensors:
         return
-    rows = s.rows("upsert_sensors", {"gateway_ids": [k[0] for k in sensors],
-                                     "datalogger_ids": [k[1] for k in sensors],
-                                     "names": [k[2] for k in sensors],
-                                     "seen": [_at(ts) for ts in sensors.values()]})
-    sensor_id = {(r["gateway_id"], r["datalogger_id"], r["name"]): r["id"] for r in rows}
-    _announce(out, "sensor", rows, sites)
+    sensor_id, sensors = _known(cache, "sensor", sensors, now)
+    if sensors:
+        rows = s.rows("upsert_sensors", {"gateway_ids": [k[0] for k in sensors],
+                                         "datalogger_ids": [k[1] for k in sensors],
+                                         "names": [k[2] for k in sensors],
+                                         "seen": [_at(ts) for ts in sensors.values()]})
+        _learned(out, "sensor", sensors, sensor_id,
+                 {(r["gateway_id"], r["datalogger_id"], r["name"]): r["id"] for r in rows})
+        _announce(out, "sensor", rows, sites)
 
     sensor_ids, stamps, values = [], [], []
     for env, ev in items:
@@ -390,6 +457,26 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             stamps.append(ev.ts)
             values.append(_metrics_json(metrics))
     s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
+
+
+def _known(cache: DeviceCache | None, kind: str, seen: dict, now: float) -> tuple[dict, dict]:
+    """Split a batch's devices: (ids of those ``cache`` holds fresh, the others with their sight)."""
+    if cache is None or not cache.known:
+        return {}, seen
+    ids, rest = {}, {}
+    for key, ts in seen.items():
+        dev_id = cache.fresh(kind, key, ts, now)
+        if dev_id is None:
+            rest[key] = ts
+        else:
+            ids[key] = dev_id
+    return ids, rest
+
+
+def _learned(out: Outcome, kind: str, written: dict, ids: dict, rows: dict) -> None:
+    """Add the upserted devices' ids to ``ids`` and to what the cache learns after the commit."""
+    ids.update(rows)
+    out.devices += [(kind, key, rows[key], ts) for key, ts in written.items() if key in rows]
 
 
 #: One encoder for every reading (json.dumps with an option builds a new one per call).
@@ -495,6 +582,10 @@ class LoggerService:
         self._last_prune = time.monotonic()
         #: Pruning by age (services/retention.py), between batches, on a connection of its own.
         self.retention = Retention(settings)
+        #: Devices whose last sight was just written: not upserted again for DEVICE_REFRESH s.
+        #: (A device marked offline must not still be fresh here: at most half its offline delay.)
+        self.devices = DeviceCache(min(DEVICE_REFRESH, settings.gateway_offline_after / 2,
+                                       settings.datalogger_offline_after / 2, settings.sensor_offline_after / 2))
 
     # -- loop
 
@@ -688,20 +779,29 @@ class LoggerService:
                        "attempt {} again in {:.1f} s", exc, events, self.db_failures, wait)
 
     def _store(self, batch: list[Item]) -> Outcome:
-        try:
-            with self.db.transaction() as s:
-                out = write_batch(s, self._not_yet_stored(s, batch))
-                self._record_progress(s, batch)
-                return out
-        except db.DatabaseUnavailable:
-            raise
-        except db.DatabaseError as exc:
-            if not isinstance(exc, db.DataRejected):
+        # With the devices known fresh first; if that fails, once more without
+        # them (an id may be stale: a device deleted meanwhile), then one by one.
+        for cache in ((self.devices, None) if self.devices.known else (None,)):
+            try:
+                with self.db.transaction() as s:
+                    out = write_batch(s, self._not_yet_stored(s, batch), cache)
+                    self._record_progress(s, batch)
+                    return out
+            except db.DatabaseUnavailable:
+                self.devices.clear()
                 raise
-            logger.warning("a batch of {} events was rejected ({}); storing them one by one", len(batch), exc)
-        except Exception as exc:  # e.g. a value our own code cannot convert
-            logger.warning("a batch of {} events failed ({}: {}); storing them one by one",
-                           len(batch), type(exc).__name__, exc)
+            except db.DatabaseError as exc:
+                self.devices.clear()
+                if not isinstance(exc, db.DataRejected):
+                    raise
+                if cache is None:
+                    logger.warning("a batch of {} events was rejected ({}); storing them one by one",
+                                   len(batch), exc)
+            except Exception as exc:  # e.g. a value our own code cannot convert
+                self.devices.clear()
+                if cache is None:
+                    logger.warning("a batch of {} events failed ({}: {}); storing them one by one",
+                                   len(batch), type(exc).__name__, exc)
         # Isolate the poison: each event in a savepoint of one transaction.
         out = Outcome()
         with self.db.transaction() as s:
@@ -782,6 +882,8 @@ class LoggerService:
             logger.error("could not record the rejected event either ({}): {}", again, text[:2000])
 
     def _after_commit(self, batch: list[Item], outcome: Outcome) -> None:
+        if outcome.devices:
+            self.devices.learn(outcome.devices, time.monotonic())
         for level, line in outcome.connection_lines:
             self.connections_log.log(level, line)
         for level, line in outcome.parsing_lines:
