@@ -58,7 +58,7 @@ from services.states import CHILD_TRANSITIONS, ChildStatus, IllegalTransition
 from shared import backoff, config, curve, exitcodes, limits, logs, parsers, process, protocol, runfile
 from shared.connections import ConnectionSettings
 from shared.events import EventSender, EventTooLarge
-from shared.protocol import ConnectionLog, Data, Flow, ParseFailure, StatusChange
+from shared.protocol import ConnectionLog, Flow, ParseFailure, StatusChange
 from shared.signals import SignalPipe
 
 #: Longest the loop sleeps when no timer is due sooner: an idle connected
@@ -694,9 +694,8 @@ class ConnectionChild:
             return
         for record in records:
             try:
-                self.events.send(Data(connection_id=self.conn.connection_id, topic=topic,
-                                      gateway=record.gateway, datalogger=record.datalogger,
-                                      ts=record.ts, sensors=record.sensors), defer=True)
+                self.events.send_data(self.conn.connection_id, topic, record.gateway, record.datalogger,
+                                      record.ts, record.sensors, defer=True)
             except EventTooLarge as exc:
                 self._fail(message, topic, "VALIDATION_ERROR", f"the message's data cannot be stored: {exc}")
                 return

@@ -101,9 +101,17 @@ class EventSender:
         """
         envelope = Envelope(sender=self.sender, incarnation=self.incarnation, seq=self._seq + 1,
                             floor=self._floor, ts=time.time(), event=event)
-        packed = protocol.pack_envelope(envelope)
+        return self._queue(protocol.pack_envelope(envelope), event.KIND, defer)
+
+    def send_data(self, connection_id: int, topic: str, gateway: str, datalogger: str | None, ts: float,
+                  sensors: dict, defer: bool = False) -> int:
+        """``send(Data(...))`` without building the event and its envelope (one per reading)."""
+        return self._queue(protocol.pack_data(self.sender, self.incarnation, self._seq + 1, self._floor, time.time(),
+                                              connection_id, topic, gateway, ts, datalogger, sensors), "data", defer)
+
+    def _queue(self, packed: bytes, kind: str, defer: bool) -> int:
         if len(packed) + protocol.FRAME_OVERHEAD > protocol.MAX_FRAME_BYTES:
-            raise EventTooLarge(f"a {event.KIND} event of {len(packed)} bytes exceeds the wire's "
+            raise EventTooLarge(f"a {kind} event of {len(packed)} bytes exceeds the wire's "
                                 f"limit of {protocol.MAX_FRAME_BYTES} bytes")
         self._seq += 1
         self._deferred.append(packed)
