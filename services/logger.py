@@ -72,6 +72,11 @@ SEQ_WINDOW = 10_000_000
 MAX_STREAMS = 20_000
 #: Frames read in one go before the loop looks at its other sockets.
 READ_BURST = 10_000
+#: Once a status change is in, the logger still takes what is already queued
+#: for at most this long, so that the statuses of a burst (a thousand children
+#: starting, a broker coming back) share a commit instead of paying one each,
+#: and a status waits no longer than this for the ones behind it.
+URGENT_GATHER = 0.005
 #: How often the feed says when each site last sent data.
 DATA_SEEN_EVERY = 5.0
 #: Failures whose payload goes to the quarantine, for replay (a DB_ERROR is ours, not the payload's).
@@ -653,6 +658,7 @@ class LoggerService:
 
     def _receive(self) -> None:
         now = time.monotonic()
+        gather_until = None
         for _ in range(READ_BURST):
             if self._full() and now >= self.db_retry_at:
                 return  # store this batch first; the rest waits in ZeroMQ's queue
@@ -673,7 +679,13 @@ class LoggerService:
                 logger.exception("could not take a frame of {} bytes; dropped it",
                                  sum(len(f) for f in frames))
             if self.urgent and now >= self.db_retry_at:
-                return  # status news is stored and published first; the rest waits in ZeroMQ's queue
+                # Status news is stored and published first: what is queued
+                # already joins it for URGENT_GATHER at most (never waiting for
+                # more); the rest waits in ZeroMQ's queue.
+                if gather_until is None:
+                    gather_until = time.monotonic() + URGENT_GATHER
+                elif time.monotonic() >= gather_until:
+                    return
 
     def _take_frame(self, identity: bytes, frames: list[bytes], now: float) -> None:
         if len(frames) != 2:

@@ -48,3 +48,23 @@ def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_ba
     assert stack.sql.value("SELECT committed_upto FROM sitelink_stream WHERE sender = %s AND incarnation = %s",
                            f"conn:{cid}", "lane-1") == READINGS + 1
     assert stack.sql.status(cid) == "connected"
+
+
+def test_the_statuses_of_a_burst_share_a_commit(stack):
+    """A thousand children starting at once send a thousand statuses: the logger
+    stores those already queued together (one transaction, one fsync), not one
+    commit each, which made PostgreSQL's commits the bound of a start-up."""
+    ids = [stack.sql.add_site(f"burst-{n}", port=stack.broker.port, active=False) for n in range(20)]
+    with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
+        # Queued by ZeroMQ until the logger listens, then delivered together.
+        for n, cid in enumerate(ids):
+            sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation=f"burst-{n}", seq=1, floor=0,
+                                                 ts=time.time(), event=StatusChange(connection_id=cid,
+                                                                                    status="connected",
+                                                                                    message="up"))))
+        stack.start("logger")
+        wait_for(lambda: stack.sql.value("SELECT count(*) FROM mqtt_connection WHERE id = ANY(%s) "
+                                         "AND status = 'connected'", ids) == len(ids),
+                 timeout=30, what="every status stored")
+    # Rows written by one transaction carry its id (xmin).
+    assert stack.sql.value("SELECT count(DISTINCT xmin::text) FROM mqtt_connection WHERE id = ANY(%s)", ids) == 1
