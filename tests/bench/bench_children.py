@@ -37,7 +37,8 @@ import pytest
 from tests.bench import results
 from tests.bench.harness import (CpuMeter, LineProcess, broker_connection_holders, cpu_seconds, default,
                                  descendants, env_float, env_int, fmt, measure_quietly, median, memory, parent_pid,
-                                 service_defaults, start_time, wait_until_quiet)
+                                 service_defaults, start_time, threads_cpu_and_wakeups,
+                                 wait_until_quiet)
 from tests.stack import SQL, Stack
 from tests.support import alive, cmdline, wait_for
 
@@ -86,27 +87,12 @@ def _run_seconds(pid: int) -> float | None:
         return None
 
 
-def _threads_cpu_and_wakeups(pid: int) -> tuple[float, int] | None:
-    """CPU seconds of all of ``pid``'s threads (schedstat, to the ns) and how
-    often they were switched in (context switches: each a wake-up)."""
-    try:
-        cpu, switches = 0.0, 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                cpu += int(f.read().split()[0]) / 1e9
-            with open(f"/proc/{pid}/task/{task}/status") as f:
-                switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
-        return cpu, switches
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _idle(children: list[int], seconds: float) -> tuple[float, float] | None:
     """The children's CPU (% of one core, all of them) and wake-ups (per child
     per second) over ``seconds`` while they are connected and receive nothing."""
-    before = {p: m for p in children if (m := _threads_cpu_and_wakeups(p)) is not None}
+    before = {p: m for p in children if (m := threads_cpu_and_wakeups(p)) is not None}
     time.sleep(seconds)
-    after = {p: m for p in before if (m := _threads_cpu_and_wakeups(p)) is not None}
+    after = {p: m for p in before if (m := threads_cpu_and_wakeups(p)) is not None}
     if not after:
         return None
     cpu = sum(after[p][0] - before[p][0] for p in after)

@@ -63,7 +63,7 @@ import pytest
 from tests.bench import results
 from tests.bench.harness import (BENCH_DIR, CpuMeter, LineProcess, descendants, describe_broker, describe_pg,
                                  env_float, env_int, fmt, median, memory, percentile, service_defaults,
-                                 start_time, wait_until_quiet)
+                                 start_time, threads_cpu_and_wakeups, wait_until_quiet)
 from tests.stack import SQL, Stack
 from tests.support import (Mosquitto, alive, children_of, comm, remove_tree, wait_for,
                            world_traversable_tmpdir)
@@ -230,15 +230,6 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     return times
 
 
-def _wakeups(pid: int) -> int | None:
-    """Context switches of ``pid`` so far (voluntary + not): how often it ran."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    return sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
-
-
 def _idle_cpu(stack: Stack, broker: Mosquitto, durable_pg, p: Plan) -> dict:
     """CPU of the whole stack over p.idle_seconds while every site is connected and nobody
     publishes: what keeping the connections alive costs (keepalives, timers, the monitor's
@@ -249,13 +240,13 @@ def _idle_cpu(stack: Stack, broker: Mosquitto, durable_pg, p: Plan) -> dict:
               "children": lambda: fam["children"], "logger": lambda: [stack.pid("logger")],
               "mosquitto": lambda: [broker.proc.pid],
               "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]}
-    meter = CpuMeter(groups)
+    meter = CpuMeter(groups, precise=True)
     print(f"[thousand] measuring the idle stack's CPU for {p.idle_seconds:g} s", flush=True)
-    switches0 = {pid: _wakeups(pid) for pid in fam["children"]}
+    switches0 = {pid: m[1] if (m := threads_cpu_and_wakeups(pid)) else None for pid in fam["children"]}
     meter.start()
     time.sleep(p.idle_seconds)
     meter.stop()
-    switches1 = {pid: _wakeups(pid) for pid in fam["children"]}
+    switches1 = {pid: m[1] if (m := threads_cpu_and_wakeups(pid)) else None for pid in fam["children"]}
     rates = [(switches1[pid] - n0) / meter.seconds for pid, n0 in switches0.items()
              if n0 is not None and switches1.get(pid) is not None]
     total = sum(meter.used.values())
