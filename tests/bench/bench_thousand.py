@@ -51,6 +51,7 @@ import os
 import re
 import resource
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -230,6 +231,36 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     return times
 
 
+_WAKE = """
+import os, select, sys, threading
+def ran():
+    with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+        return int(f.read().split()[0])
+poll = select.poll()
+r, w = os.pipe()
+poll.register(r, select.POLLIN)
+costs = []
+for _ in range(int(sys.argv[2])):
+    before = ran()
+    poll.poll(float(sys.argv[1]) * 1000)
+    costs.append((ran() - before) / 1e6)
+costs.sort()
+print(costs[len(costs) // 2])
+"""
+
+
+def _wake_cost(sleep_s: float, n: int) -> float | None:
+    """CPU (ms, schedstat) this machine charges a bare Python process for one
+    wake-up after sleeping ``sleep_s`` with nothing to do (median of ``n``): the
+    floor under what an idle child pays per timer."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _WAKE, str(sleep_s), str(n)], capture_output=True,
+                             text=True, timeout=sleep_s * n + 30, check=True).stdout
+        return float(out.strip())
+    except (subprocess.SubprocessError, ValueError):
+        return None
+
+
 def _idle_cpu(stack: Stack, broker: Mosquitto, durable_pg, p: Plan) -> dict:
     """CPU of the whole stack over p.idle_seconds while every site is connected and nobody
     publishes: what keeping the connections alive costs (keepalives, timers, the monitor's
@@ -250,9 +281,10 @@ def _idle_cpu(stack: Stack, broker: Mosquitto, durable_pg, p: Plan) -> dict:
     rates = [(switches1[pid] - n0) / meter.seconds for pid, n0 in switches0.items()
              if n0 is not None and switches1.get(pid) is not None]
     total = sum(meter.used.values())
+    wake = {s: _wake_cost(s, n) for s, n in ((1.0, 8), (10.0, 3))}
     return {"seconds": meter.seconds, "pct": 100 * total / meter.seconds if meter.seconds else None,
             "groups": {name: 100 * used / meter.seconds for name, used in meter.used.items()},
-            "child_wakeups": median(rates) if rates else None,
+            "child_wakeups": median(rates) if rates else None, "wake_ms": wake,
             "describe": meter.describe(), "disturbed": meter.disturbed()}
 
 
@@ -589,6 +621,10 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
             + ", ".join(f"{name} {fmt(v, 2)} %" for name, v in idle_cpu["groups"].items())
             + f"; each child ran {fmt(idle_cpu['child_wakeups'], 1)} times a second, median)"
             + (f" **{idle_cpu['disturbed']}**" if idle_cpu["disturbed"] else ""))
+        if idle_cpu is not None:
+            rows.insert(10, ["... the floor under it: CPU this machine charges a bare Python process for one "
+                             "wake-up with nothing to do, after sleeping 1 s / 10 s (ms, schedstat, median)",
+                             " / ".join(fmt(idle_cpu["wake_ms"].get(s), 2) for s in (1.0, 10.0)), ""])
         rows.insert(10, [f"{p.n} connected idle sites: CPU of the whole stack (monitor, zygote, children, "
                          f"logger, Mosquitto, PostgreSQL), % of one core, with the services' defaults "
                          f"(the monitor restarted without SITELINK_MONITOR_INTERVAL)", shown,
