@@ -385,6 +385,20 @@ def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection
                                          gave_up=False))
 
 
+def _upsert_named(s: db.Session, out: Outcome, sites: Sites, cache: DeviceCache | None, kind: str, parent: str,
+                  seen: dict[tuple[int, str], float], now: float) -> dict:
+    """Upsert the ``kind`` devices (gateways under a connection, dataloggers under a
+    gateway) seen in a batch, keyed by (``parent`` id, name) with their latest
+    sight, except those the cache says were written just now; their ids, all of them."""
+    ids, fresh = _known(cache, kind, seen, now)
+    if fresh:
+        rows = s.rows(f"upsert_{kind}s", {f"{parent}s": [k[0] for k in fresh], "names": [k[1] for k in fresh],
+                                          "seen": [_at(ts) for ts in fresh.values()]})
+        _learned(out, kind, fresh, ids, {(r[parent], r["name"]): r["id"] for r in rows})
+        _announce(out, kind, rows, sites)
+    return ids
+
+
 def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome, sites: Sites,
                 cache: DeviceCache | None = None) -> None:
     """Devices and readings for a batch, set-based: at most four statements whatever its size.
@@ -405,13 +419,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             site_seen[site_id] = ts
     for site_id, ts in site_seen.items():
         out.saw_data(site_id, sites.get(("site", site_id)), _at(ts))
-    gateway_id, gateways = _known(cache, "gateway", gateways, now)
-    if gateways:
-        rows = s.rows("upsert_gateways", {"connection_ids": [k[0] for k in gateways],
-                                          "names": [k[1] for k in gateways],
-                                          "seen": [_at(ts) for ts in gateways.values()]})
-        _learned(out, "gateway", gateways, gateway_id, {(r["connection_id"], r["name"]): r["id"] for r in rows})
-        _announce(out, "gateway", rows, sites)
+    gateway_id = _upsert_named(s, out, sites, cache, "gateway", "connection_id", gateways, now)
 
     dataloggers: dict[tuple[int, str], float] = {}
     for env, ev in items:
@@ -420,13 +428,7 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
             key = (gw, ev.datalogger)
             if dataloggers.get(key, -1.0) < env.ts:
                 dataloggers[key] = env.ts
-    datalogger_id, dataloggers = _known(cache, "datalogger", dataloggers, now)
-    if dataloggers:
-        rows = s.rows("upsert_dataloggers", {"gateway_ids": [k[0] for k in dataloggers],
-                                             "names": [k[1] for k in dataloggers],
-                                             "seen": [_at(ts) for ts in dataloggers.values()]})
-        _learned(out, "datalogger", dataloggers, datalogger_id, {(r["gateway_id"], r["name"]): r["id"] for r in rows})
-        _announce(out, "datalogger", rows, sites)
+    datalogger_id = _upsert_named(s, out, sites, cache, "datalogger", "gateway_id", dataloggers, now)
 
     sensors: dict[tuple[int, int | None, str], float] = {}
     for env, ev in items:
