@@ -1029,7 +1029,7 @@ def load_settings_from_db(settings: config.Settings, connection_id: int) -> Conn
     database = db.Database(settings.database_url, f"sitelink-connection-{connection_id}")
     try:
         with database.transaction() as s:
-            row = s.one("connection_settings", {"connection_id": connection_id})
+            row = s.one("connection_settings", {"ids": [connection_id]})
     finally:
         database.close()
     if row is None:

@@ -140,7 +140,7 @@ class Fleet:
             rows = s.rows("monitor_connections", {"incarnation": self.incarnation, "held": held})
             new = [r["id"] for r in rows if known.get(r["id"]) != r["config_hash"]]
             if new:
-                settings = {r["id"]: r for r in s.rows("monitor_settings", {"ids": new})}
+                settings = {r["id"]: r for r in s.rows("connection_settings", {"ids": new})}
                 kept = []
                 for r in rows:
                     if r["id"] in settings:

@@ -28,7 +28,7 @@ INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
 -- claim: 'mine' (this monitor process holds a valid claim), 'taken' (another
 -- does), 'free' (nobody does: never claimed, released or expired). No broker
 -- setting: a row whose config_hash is new to the monitor has them read by
--- monitor_settings (in steady state none: 10 columns instead of 27, no join).
+-- connection_settings (in steady state none: 10 columns instead of 27, no join).
 SELECT c.id, c.is_active, c.status, c.claimed_by, c.claim_epoch,
        md5(mqtt_connection_config(c)) AS config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
@@ -46,10 +46,11 @@ WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation
    OR c.id IN (SELECT unnest(%(held)s::bigint[]))
 ORDER BY c.id;
 
--- name: monitor_settings
--- The broker settings of the rows whose configuration the monitor does not
--- know yet, with the hash they go with (the row may have changed since
--- monitor_connections read it: this hash is the one of these settings).
+-- name: connection_settings
+-- The broker settings of connections by id, with the hash they go with: for
+-- the rows whose configuration the monitor does not know yet (the row may
+-- have changed since monitor_connections read it: this hash is the one of
+-- these settings), and for a child run by itself (one id).
 SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
@@ -57,13 +58,6 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        md5(mqtt_connection_config(c)) AS config_hash
 FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 WHERE c.id IN (SELECT unnest(%(ids)s::bigint[]));
-
--- name: connection_settings
-SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
-       c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
-       c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session
-FROM mqtt_connection c
-WHERE c.id = %(connection_id)s;
 
 -- Membership: a row per monitor (instance id), its heartbeat written at
 -- each cycle. Live = heartbeat within its lease by PostgreSQL's clock.

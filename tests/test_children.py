@@ -100,3 +100,17 @@ def test_an_overdue_timer_wakes_it_at_once_but_never_before_it_is_due():
     late.client._last_msg_out = now - 26
     assert ConnectionChild._timers_due_in(late, now) == TIMER_SLACK
     assert connection.TIMER_SLACK > 0
+
+
+def test_a_child_run_by_itself_reads_its_settings_from_the_database(stack):
+    """``python -m services.connection --connection-id N`` reads the same settings
+    query as the monitor (``connection_settings``), site name included; an id
+    with no row is a plain error."""
+    from shared import config
+
+    cid = stack.sql.add_site("by-itself", port=4242, active=False)
+    settings = config.load({"SITELINK_DATABASE_URL": stack.env["SITELINK_DATABASE_URL"]})
+    conn = connection.load_settings_from_db(settings, cid)
+    assert (conn.connection_id, conn.broker_port, conn.site_name) == (cid, 4242, "by-itself")
+    with pytest.raises(SystemExit, match="no mqtt_connection with id"):
+        connection.load_settings_from_db(settings, cid + 1000)
