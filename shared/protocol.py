@@ -378,11 +378,15 @@ _BATCH_HEAD = (_PACKER.pack_map_header(3) + _PACKER.pack("v") + _PACKER.pack(VER
                + _PACKER.pack("k") + _PACKER.pack("batch") + _PACKER.pack("e"))
 
 
+def _doc(kind: str, sender: str, incarnation: str, seq: int, floor: int, ts: float, body: dict) -> dict[str, Any]:
+    """An envelope as it goes on the wire (``pack_envelope`` and ``pack_data``)."""
+    return {"v": VERSION, "k": kind, "s": sender, "i": incarnation, "n": seq, "f": floor, "t": ts, "b": body}
+
+
 def _envelope_doc(message: Envelope) -> dict[str, Any]:
     ev = message.event
-    return {"v": VERSION, "k": ev.KIND, "s": message.sender, "i": message.incarnation,
-            "n": message.seq, "f": message.floor, "t": message.ts,
-            "b": {name: getattr(ev, name) for name in _field_names(type(ev))}}
+    return _doc(ev.KIND, message.sender, message.incarnation, message.seq, message.floor, message.ts,
+                {name: getattr(ev, name) for name in _field_names(type(ev))})
 
 
 def pack_envelope(message: Envelope) -> bytes:
@@ -394,9 +398,9 @@ def pack_data(sender: str, incarnation: str, seq: int, floor: int, ts: float, co
               gateway: str, record_ts: float, datalogger: str | None, sensors: dict) -> bytes:
     """``pack_envelope`` of an Envelope holding ``Data(...)``, the same bytes,
     without building either object (a child's hot path: one per reading)."""
-    return _PACKER.pack({"v": VERSION, "k": "data", "s": sender, "i": incarnation, "n": seq, "f": floor, "t": ts,
-                         "b": {"connection_id": connection_id, "topic": topic, "gateway": gateway, "ts": record_ts,
-                               "datalogger": datalogger, "sensors": sensors}})
+    return _PACKER.pack(_doc(Data.KIND, sender, incarnation, seq, floor, ts,
+                             {"connection_id": connection_id, "topic": topic, "gateway": gateway, "ts": record_ts,
+                              "datalogger": datalogger, "sensors": sensors}))
 
 
 def frame_of(packed: Sequence[bytes]) -> bytes:
