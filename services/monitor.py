@@ -257,7 +257,8 @@ class Monitor:
                 starts.append(rec)
             elif want == "report":
                 reports.append(rec)
-        self._renew_if_due() and self._release() and self._balance(snapshot, starts, reports)
+        if self._renew_if_due() and self._release():
+            self._balance(snapshot, starts, reports)
         self._publish_fence()
         offline = self._mark_offline()
         self._log_cycle(started, offline)
