@@ -75,6 +75,7 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     global _clone_parent
     _clone_parent = _parent_clone()
     gc.freeze()  # children share these pages instead of copying them on the first GC
+    gc.enable()  # from here on only what is allocated after the freeze is collected
     while True:
         try:
             request, _, flags, _ = control.recvmsg(MAX_REQUEST)
@@ -274,7 +275,6 @@ def _run(conn, control: socket.socket, settings, keys, connection) -> None:
     code = EXIT_CHILD_SETUP
     try:
         control.close()
-        gc.enable()  # disabled in the zygote only
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         # The preloaded objects stay frozen: a collection would otherwise
