@@ -10,6 +10,7 @@ import socket
 import struct
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from services.connection import ReadAheadClient
 
@@ -127,3 +128,29 @@ def test_with_acks_on_receipt_the_fast_path_sends_the_pubacks_paho_would():
         acks = theirs.recv(1000)
         assert acks == b"".join(struct.pack("!BBH", 0x40, 2, n) for n in range(1, 21, 2))
         assert got == [n if n % 2 else 0 for n in range(1, 21)]  # a QoS 0 message has no packet id
+
+
+#: Bytes a hostile or broken broker could send where a PUBLISH is expected: the
+#: fast path hands none of them over, and leaves them where they are for paho.
+MALFORMED = {
+    "an empty topic": publish(b"", b"p", mid=7),
+    "a topic longer than the packet": b"\x32\x06\x00\xff" + b"abcd",
+    "a packet too short for a topic length": b"\x30\x01\x00",
+    "a remaining length of five bytes": b"\x30\xff\xff\xff\xff\x7f" + b"x" * 16,
+    "QoS 3": b"\x36\x05\x00\x01t\x00\x07",
+    "QoS 2 (PUBREC after the commit: paho's path)": publish(b"t", b"p", qos=2, mid=7),
+    "another packet type": b"\xe0\x00",
+}
+
+
+@pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
+def test_the_fast_path_leaves_anything_but_a_well_formed_publish_to_paho(bad):
+    with client_on_a_socket(manual_ack=True) as (client, theirs, got):
+        theirs.send(publish(b"t", b"first", mid=1) + publish(b"t", b"second", mid=2) + bad
+                    + publish(b"t", b"after", mid=3))
+        client.loop_read()  # paho's own path takes the first packet and fills the read-ahead buffer
+        assert client.read_publishes(lambda: False, 100) == 1  # the second, then it stops at the bad bytes
+        at = client._ahead_at
+        assert client.read_publishes(lambda: False, 100) == 0
+        assert client._ahead_at == at
+        assert got == [1, 2]
