@@ -145,7 +145,8 @@ class ReadAheadClient(mqtt.Client):
 
     These rely on paho's private ``_sock_recv``, ``_in_packet``,
     ``_handle_publish``, ``_handle_pubrel``, ``_send_pubrec``,
-    ``_send_pubcomp``, ``_packet_queue``, ``_ping_t`` and ``_send_pingreq``: pyproject pins
+    ``_send_pubcomp``, ``_packet_queue``, ``_ping_t``, ``_send_pingreq`` (and, for the fast path,
+    ``_in_callback_mutex``, ``_msgtime_mutex``, ``_userdata``): pyproject pins
     paho-mqtt below 2.3 and ``tests/test_limits.py`` checks they exist.
     """
 

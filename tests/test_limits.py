@@ -40,7 +40,8 @@ def test_the_private_parts_of_paho_we_rely_on_exist():
                  "_send_pubcomp", "_send_pingreq", "_handle_on_message", "_packet_queue"):
         assert callable(getattr(mqtt.Client, name, None)), name
     for name in ("_in_packet", "_ping_t", "_in_messages", "_in_message_mutex", "_manual_ack", "_protocol",
-                 "_keepalive", "_last_msg_out", "_last_bytes_received"):
+                 "_keepalive", "_last_msg_out", "_last_bytes_received", "_in_callback_mutex", "_msgtime_mutex",
+                 "_userdata"):
         assert hasattr(client, name), name
     assert {"command", "packet", "remaining_length", "to_process"} <= set(client._in_packet)
     assert callable(_packet.decode_pubrel)
