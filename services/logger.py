@@ -6,8 +6,11 @@ publishes status changes on the status feed (PUB) and acknowledges the events
 to their senders. Two lanes: status and flow changes and refusals are stored
 (and published) as soon as they are read, in a short transaction of their own
 before the data batch in progress; data waits to fill a batch
-(SITELINK_BATCH_MAX, SITELINK_BATCH_WAIT). Both lanes together hold at most
-one batch's worth of events.
+(SITELINK_BATCH_MAX, SITELINK_BATCH_WAIT) and is written by a thread of its
+own, on a connection of its own (``DataWriter``), so that neither reading
+nor the status lane waits while PostgreSQL writes a data batch. The batch
+being written and the lanes being filled together hold at most one batch's
+worth of events.
 
 Its socket is a trust boundary. Only sitelink's processes can reach it (an
 ``ipc://`` socket in a private directory, or CURVE on TCP: ``shared/curve``),
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -532,6 +537,77 @@ class Stream:
             self.above.discard(self.low)
 
 
+#: What storing a batch came to: what to do once committed, or why to try again later.
+Result = Outcome | Exception
+#: A data batch to write: the batch, the part of it not yet stored, and each sender's floor once it is.
+Job = tuple[list[Item], list[Item], dict[tuple[str, str], int]]
+
+
+class DataWriter:
+    """The data lane's writer: one batch at a time, on a thread of its own.
+
+    While PostgreSQL writes a data batch (its statements and its durable
+    commit, the longest wait of the logger), the main loop keeps reading its
+    socket and stores and publishes status news on its own connection. The
+    thread only runs ``store``, the database work; the main loop hands it a
+    batch when none is in flight (``submit``) and takes the result back
+    (``take``) when ``wake`` is readable, so the delivery state, the acks,
+    the feed and the file logs stay on the main thread.
+    """
+
+    def __init__(self, context: zmq.Context, store: Callable[[Job], Result]):
+        self.store = store
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[Job, Result]] = queue.SimpleQueue()
+        address = f"inproc://sitelink-data-writer-{id(self)}"
+        self.wake = context.socket(zmq.PAIR)
+        self.wake.setsockopt(zmq.LINGER, 0)
+        self.wake.bind(address)
+        self._ring = context.socket(zmq.PAIR)  # used by the thread only, from here on
+        self._ring.setsockopt(zmq.LINGER, 0)
+        self._ring.connect(address)
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="data-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        assert not self.busy
+        self.busy = True
+        self.jobs.put(job)
+
+    def take(self, block: bool = False) -> tuple[Job, Result] | None:
+        """The result of the batch in flight, once written (``block``: wait for it)."""
+        if not self.busy:
+            return None
+        while True:
+            try:
+                self.wake.recv(0 if block else zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                done = self.results.get_nowait()
+            except queue.Empty:
+                continue  # a ring whose result was taken already
+            self.busy = False
+            return done
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                result: Result = self.store(job)
+            except Exception as exc:  # store() returns its failures; this is a bug of ours
+                result = exc
+            self.results.put((job, result))
+            self._ring.send(b"")
+        self._ring.close()
+
+    def close(self) -> None:
+        """Stop the thread (after the batch in flight, if any: take it first)."""
+        self.jobs.put(None)
+        self._thread.join()
+        self.wake.close()
+
+
 def _bind_events(context: zmq.Context, settings: config.Settings) -> tuple[zmq.Socket, curve.Gatekeeper | None]:
     """The ROUTER of the events: only sitelink's processes may talk to it."""
     router = context.socket(zmq.ROUTER)
@@ -577,6 +653,9 @@ class LoggerService:
         #: transaction of their own before any data, as soon as they are read.
         self.urgent: list[Item] = []
         self.pending_bytes = 0  # of both lanes
+        #: The data batch the writer is storing (its bytes count against the bound too).
+        self.inflight: list[Item] = []
+        self.inflight_bytes = 0
         self.batch_started: float | None = None
         self.db_failures = 0
         self.db_retry_at = 0.0
@@ -593,6 +672,9 @@ class LoggerService:
         #: (A device marked offline must not still be fresh here: at most half its offline delay.)
         self.devices = DeviceCache(min(DEVICE_REFRESH, settings.gateway_offline_after / 2,
                                        settings.datalogger_offline_after / 2, settings.sensor_offline_after / 2))
+        #: The data lane's own connection, used by the writer's thread only (with the device cache).
+        self.data_db = db.Database(settings.database_url, "sitelink-logger-data")
+        self.writer = DataWriter(self.context, self._write_data_batch)
 
     # -- loop
 
@@ -602,6 +684,7 @@ class LoggerService:
         poller.register(signals.fileno(), zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.snapshots, zmq.POLLIN)
+        poller.register(self.writer.wake, zmq.POLLIN)
         if self.gate is not None:
             poller.register(self.gate.socket, zmq.POLLIN)
         logger.info("logger ready: events on {}{}, status feed on {} (snapshots on {}), as {}",
@@ -612,9 +695,14 @@ class LoggerService:
                 if signals.drain() & {signal.SIGTERM, signal.SIGINT}:
                     logger.info("stopping on signal")
                     break
+                # Full while a batch is being written: nothing to read until it is.
+                waiting = self._full() and self.writer.busy
+                poller.modify(self.router, 0 if waiting else zmq.POLLIN)
                 ready = dict(poller.poll(self._poll_timeout() * 1000))
                 if self.gate is not None and ready.get(self.gate.socket):
                     self.gate.answer()
+                if ready.get(self.writer.wake):
+                    self._take_written()
                 if ready.get(self.router):
                     self._receive()
                 if self._batch_ready():
@@ -624,16 +712,17 @@ class LoggerService:
                 self._say_data_seen()
                 self.publisher.heartbeat()
                 self._prune()
-                if not self.pending and not self.urgent and not self.db_failures:
+                if not self.pending and not self.urgent and not self.writer.busy and not self.db_failures:
                     self.retention.step()
         finally:
             self._shutdown()
             signals.close()
 
     def _full(self) -> bool:
-        """Both lanes together hold at most SITELINK_BATCH_MAX events and MAX_BATCH_BYTES."""
-        return (len(self.pending) + len(self.urgent) >= self.settings.batch_max
-                or self.pending_bytes >= MAX_BATCH_BYTES)
+        """Both lanes and the batch being written together hold at most
+        SITELINK_BATCH_MAX events and MAX_BATCH_BYTES."""
+        return (len(self.pending) + len(self.urgent) + len(self.inflight) >= self.settings.batch_max
+                or self.pending_bytes + self.inflight_bytes >= MAX_BATCH_BYTES)
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -641,7 +730,11 @@ class LoggerService:
             return min(1.0, feed.HEARTBEAT_EVERY, self.retention.wait())
         if self.db_retry_at > now:
             return self.db_retry_at - now
-        if self.urgent or self._full():
+        if self.urgent:
+            return 0.0
+        if self.writer.busy:
+            return 1.0  # the writer's wake ends the wait
+        if self._full():
             return 0.0
         assert self.batch_started is not None
         return max(0.0, self.batch_started + self.settings.batch_wait - now)
@@ -656,7 +749,7 @@ class LoggerService:
         now = time.monotonic()
         if now < self.db_retry_at:
             return False
-        return bool(self.urgent) or self._data_ready(now)
+        return bool(self.urgent) or (self._data_ready(now) and not self.writer.busy)
 
     def _receive(self) -> None:
         now = time.monotonic()
@@ -740,7 +833,8 @@ class LoggerService:
         self.pending.append(item)
 
     def _flush(self, everything: bool = False) -> None:
-        """The status lane first, in its own transaction; then the data batch if it is due.
+        """The status lane first, in its own transaction; then the data batch, if it is
+        due, to the writer (``everything``: and wait until it is written).
 
         A status event thus never waits for a data batch being filled or
         written. The order per sender still holds where it matters: a status
@@ -748,32 +842,83 @@ class LoggerService:
         only what is committed, whichever lane committed it.
         """
         if self.urgent:
-            if not self._flush_lane(self.urgent):
+            batch = self.urgent
+            if not self._settle(batch, self._attempt(batch, self.db, None, lambda s: (
+                    self._not_yet_stored(batch, s), self._floors(batch)))):
                 return
             self.urgent = []
-        if self.pending and (everything or self._data_ready(time.monotonic())):
-            if self._flush_lane(self.pending):
-                self.pending = []
-                self.batch_started = None
+        if self.pending and not self.writer.busy and (everything or self._data_ready(time.monotonic())):
+            self._hand_over()
+            if everything:
+                self._take_written(block=True)
         if not self.pending and not self.urgent:
             self.pending_bytes = 0
 
-    def _flush_lane(self, batch: list[Item]) -> bool:
-        """Store ``batch``; False if it has to wait (PostgreSQL unreachable), to be tried again."""
+    def _hand_over(self) -> None:
+        """Give the data batch to the writer; the main loop goes on reading meanwhile."""
+        batch = self.pending
         try:
-            outcome = self._store(batch)
-        except db.DatabaseUnavailable as exc:
+            kept = self._not_yet_stored(batch)
+        except db.DatabaseError as exc:
             self._retry_later(exc, len(self.pending) + len(self.urgent))
-            return False
+            return
+        self.inflight, self.inflight_bytes = batch, self.pending_bytes
+        self.pending, self.pending_bytes, self.batch_started = [], 0, None
+        self.writer.submit((batch, kept, self._floors(batch)))
+
+    def _write_data_batch(self, job: Job) -> Result:
+        """The writer thread's work: touches only its connection and the device cache."""
+        batch, kept, floors = job
+        return self._attempt(batch, self.data_db, self.devices, lambda s: (kept, floors))
+
+    def _take_written(self, block: bool = False) -> None:
+        """The data batch is written (or has to wait): settle it."""
+        done = self.writer.take(block)
+        if done is None:
+            return
+        (batch, _, floors), result = done
+        settled = self._settle(batch, result)
+        self.inflight, held = [], self.inflight_bytes
+        self.inflight_bytes = 0
+        if not settled:  # back in front of what came meanwhile
+            self.pending = batch + self.pending
+            self.pending_bytes += held
+            self.batch_started = self.batch_started or time.monotonic()
+            return
+        # A status lane that committed meanwhile may have moved a floor past
+        # what this batch wrote: written now, or a restart would store again
+        # what is committed.
+        behind = {key: self.streams[key].low for key, upto in floors.items()
+                  if key in self.streams and self.streams[key].low > upto}
+        if behind:
+            try:
+                with self.db.transaction() as s:
+                    self._record_floors(s, behind)
+            except db.DatabaseError as exc:
+                logger.debug("could not move {} floors yet ({}); the next commit does", len(behind), exc)
+
+    def _attempt(self, batch: list[Item], database: db.Database, devices: DeviceCache | None,
+                 prepare: Callable[[db.Session], tuple[list[Item], dict[tuple[str, str], int]]]) -> Result:
+        """Store ``batch``: the outcome, or the failure that says to try again later
+        (PostgreSQL unreachable, or a systemic error such as privileges)."""
+        try:
+            return self._store(batch, database, devices, prepare)
+        except db.DatabaseUnavailable as exc:
+            return exc
         except db.DatabaseError as exc:
             if isinstance(exc, db.DataRejected):
-                outcome = self._give_up_on(batch, exc)
-            else:  # systemic (privileges...): nothing wrong with the events, try again
-                self._retry_later(exc, len(self.pending) + len(self.urgent))
-                return False
+                return self._give_up_on(batch, exc)
+            return exc  # nothing wrong with the events: try again
         except Exception as exc:  # a bug of ours must not stop every site: record, ack, go on
             logger.exception("could not store a batch of {} events", len(batch))
-            outcome = self._give_up_on(batch, exc)
+            return self._give_up_on(batch, exc)
+
+    def _settle(self, batch: list[Item], result: Result) -> bool:
+        """After a batch: acks, feed and logs once committed; False if it has to wait."""
+        if isinstance(result, Exception):
+            self._retry_later(result, len(self.pending) + len(self.urgent) + len(self.inflight))
+            return False
+        outcome = result
         if self.db_failures:
             logger.info("PostgreSQL is writable again after {} failed attempts; stored {} events{}",
                         self.db_failures, len(batch),
@@ -792,34 +937,42 @@ class LoggerService:
         logger.warning("cannot write to PostgreSQL ({}); keeping {} events unacknowledged, "
                        "attempt {} again in {:.1f} s", exc, events, self.db_failures, wait)
 
-    def _store(self, batch: list[Item]) -> Outcome:
+    def _store(self, batch: list[Item], database: db.Database, devices: DeviceCache | None,
+               prepare: Callable[[db.Session], tuple[list[Item], dict[tuple[str, str], int]]]) -> Outcome:
+        """Write ``batch`` on ``database``; ``prepare`` gives, inside each attempt's
+        transaction, what of it is not yet stored and each sender's floor once it is."""
         # With the devices known fresh first; if that fails, once more without
         # them (an id may be stale: a device deleted meanwhile), then one by one.
-        for cache in ((self.devices, None) if self.devices.known else (None,)):
+        for cache in ((devices, None) if devices is not None and devices.known else (None,)):
             try:
-                with self.db.transaction() as s:
-                    out = write_batch(s, self._not_yet_stored(s, batch), cache)
-                    self._record_progress(s, batch)
+                with database.transaction() as s:
+                    kept, floors = prepare(s)
+                    out = write_batch(s, kept, cache)
+                    self._record_floors(s, floors)
                     return out
             except db.DatabaseUnavailable:
-                self.devices.clear()
+                if devices is not None:
+                    devices.clear()
                 raise
             except db.DatabaseError as exc:
-                self.devices.clear()
+                if devices is not None:
+                    devices.clear()
                 if not isinstance(exc, db.DataRejected):
                     raise
                 if cache is None:
                     logger.warning("a batch of {} events was rejected ({}); storing them one by one",
                                    len(batch), exc)
             except Exception as exc:  # e.g. a value our own code cannot convert
-                self.devices.clear()
+                if devices is not None:
+                    devices.clear()
                 if cache is None:
                     logger.warning("a batch of {} events failed ({}: {}); storing them one by one",
                                    len(batch), type(exc).__name__, exc)
         # Isolate the poison: each event in a savepoint of one transaction.
         out = Outcome()
-        with self.db.transaction() as s:
-            for env in self._not_yet_stored(s, batch):
+        with database.transaction() as s:
+            kept, floors = prepare(s)
+            for env in kept:
                 try:
                     with s.savepoint():
                         out.extend(write_batch(s, [env]))
@@ -829,7 +982,7 @@ class LoggerService:
                     if isinstance(exc, db.DatabaseError) and not isinstance(exc, db.DataRejected):
                         raise
                     self._record_rejected(s, env, exc, out)
-            self._record_progress(s, batch)
+            self._record_floors(s, floors)
         return out
 
     def _give_up_on(self, batch: list[Item], exc: Exception) -> Outcome:
@@ -841,13 +994,21 @@ class LoggerService:
         logger.error("acknowledging {} events that could not be stored ({})", len(batch), reason)
         return out
 
-    def _not_yet_stored(self, s: db.Session, batch: list[Item]) -> list[Item]:
-        """Drop events an earlier logger already committed (their ack was lost)."""
+    def _not_yet_stored(self, batch: list[Item], s: db.Session | None = None) -> list[Item]:
+        """Drop events an earlier logger already committed (their ack was lost).
+
+        The floors of senders not seen yet are read in ``s``, or in a
+        transaction of the main connection's own.
+        """
         unknown = {(item.sender, item.incarnation) for item in batch
                    if not self.streams[(item.sender, item.incarnation)].loaded}
         if unknown:
-            rows = s.rows("stream_floors", {"senders": [k[0] for k in unknown],
-                                            "incarnations": [k[1] for k in unknown]})
+            params = {"senders": [k[0] for k in unknown], "incarnations": [k[1] for k in unknown]}
+            if s is None:
+                with self.db.transaction() as own:
+                    rows = own.rows("stream_floors", params)
+            else:
+                rows = s.rows("stream_floors", params)
             for row in rows:
                 stream = self.streams[(row["sender"], row["incarnation"])]
                 stream.low = max(stream.low, row["committed_upto"])
@@ -861,14 +1022,21 @@ class LoggerService:
                 kept.append(item)
         return kept
 
-    def _record_progress(self, s: db.Session, batch: list[Item]) -> None:
-        """Store, with the events, up to where each sender is now committed."""
+    def _floors(self, batch: list[Item]) -> dict[tuple[str, str], int]:
+        """Up to where each sender of ``batch`` is committed once it is."""
         seqs: dict[tuple[str, str], set[int]] = {}
         for item in batch:
             seqs.setdefault((item.sender, item.incarnation), set()).add(item.seq)
-        upto = {key: self.streams[key].low_with(new) for key, new in seqs.items()}
-        s.run("stream_commit", {"senders": [k[0] for k in upto], "incarnations": [k[1] for k in upto],
-                                "upto": list(upto.values())})
+        return {key: self.streams[key].low_with(new) for key, new in seqs.items()}
+
+    @staticmethod
+    def _record_floors(s: db.Session, floors: dict[tuple[str, str], int]) -> None:
+        """Store, with the events, up to where each sender is committed. In the
+        senders' order: the two lanes' transactions lock their rows alike and
+        cannot deadlock."""
+        keys = sorted(floors)
+        s.run("stream_commit", {"senders": [k[0] for k in keys], "incarnations": [k[1] for k in keys],
+                                "upto": [floors[k] for k in keys]})
 
     def _record_rejected(self, s: db.Session, env: Item, exc: Exception, out: Outcome) -> None:
         if isinstance(env, Invalid):  # its own row failed: the log line and the ack remain
@@ -1003,8 +1171,10 @@ class LoggerService:
             logger.debug("could not prune sitelink_stream: {}", exc)
 
     def _shutdown(self) -> None:
+        self._take_written(block=True)
         if (self.pending or self.urgent) and time.monotonic() >= self.db_retry_at:
             self._flush(everything=True)
+        self.writer.close()
         if self.pending or self.urgent:
             logger.warning("exiting with {} events not stored; their senders will send them again",
                            len(self.pending) + len(self.urgent))
@@ -1015,6 +1185,7 @@ class LoggerService:
             self.gate.close()
         self.context.term()
         self.db.close()
+        self.data_db.close()
         self.retention.close()
 
 

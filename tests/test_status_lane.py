@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import psycopg
+
 from shared import protocol
 from shared.protocol import Ack, Data, Envelope, StatusChange
 from tests.support import logger_client, wait_for
@@ -47,6 +49,49 @@ def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_ba
     assert stack.sql.value("SELECT count(*) FROM reading") == READINGS
     assert stack.sql.value("SELECT committed_upto FROM sitelink_stream WHERE sender = %s AND incarnation = %s",
                            f"conn:{cid}", "lane-1") == READINGS + 1
+    assert stack.sql.status(cid) == "connected"
+
+
+def test_a_status_is_published_while_postgresql_is_still_writing_a_data_batch(stack):
+    """Data batches are written by a thread and a connection of their own: a
+    status change that arrives while PostgreSQL writes one (here: held by a
+    lock a user took on ``reading``) is stored and published at once, and
+    the batch then lands whole, with its sender's floor past both."""
+    cid = stack.sql.add_site("writing", port=stack.broker.port, active=False)
+    stack.start("logger")
+    feed = stack.feed()
+    wait_for(lambda: feed.socket.poll(0) and feed.socket.recv_multipart(), timeout=30, what="a feed heartbeat")
+    blocker = psycopg.connect(stack.sql.url)
+    try:
+        blocker.execute("LOCK TABLE reading IN SHARE MODE")  # INSERTs wait until it commits
+        with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
+            def send(seq, event):
+                sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation="writing-1", seq=seq,
+                                                     floor=0, ts=time.time(), event=event)))
+            for n in range(1, READINGS + 1):
+                send(n, Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
+                             sensors={"S": {"n": float(n)}}))
+            wait_for(lambda: stack.sql.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sitelink-logger-data' "
+                "AND wait_event_type = 'Lock'") == 1, timeout=30, what="the data batch waiting on the lock")
+
+            send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
+            _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
+                                    what="the status on the feed")
+            assert body["status"] == "connected"
+            assert stack.sql.status(cid) == "connected"
+            assert stack.sql.value("SELECT count(*) FROM reading") == 0
+
+            blocker.commit()
+            wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == READINGS, timeout=30,
+                     what="the data batch stored")
+            # The status lane committed #51 while #1-#50 were being written: the
+            # floor still reaches past both, so a restart stores neither again.
+            wait_for(lambda: stack.sql.value(
+                "SELECT committed_upto FROM sitelink_stream WHERE sender = %s AND incarnation = %s",
+                f"conn:{cid}", "writing-1") == READINGS + 1, timeout=30, what="the floor past the status")
+    finally:
+        blocker.close()
     assert stack.sql.status(cid) == "connected"
 
 

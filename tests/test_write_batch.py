@@ -98,23 +98,29 @@ def test_the_cache_is_bounded():
 def test_a_stale_device_id_costs_a_retry_not_the_readings(database_url):
     """A device deleted while the logger held its id: the batch is written again without the cache."""
     cid = _site(database_url, "wb-stale")
-    service = object.__new__(LoggerService)  # only what _store uses: its database, streams, device cache
-    service.db = db.Database(database_url, "test-write-batch")
+    # Only what the data lane's writer uses: its database, the streams, the device cache.
+    service = object.__new__(LoggerService)
+    service.data_db = db.Database(database_url, "test-write-batch")
     service.devices = DeviceCache(refresh=3600.0)
     service.streams = {}
     first, [second] = _batch(cid, [0]), _batch(cid, [1])
     second = dataclasses.replace(second, seq=2)
-    service.streams[first[0].stream] = Stream()
+    service.streams[first[0].stream] = Stream(loaded=True)
+
+    def write(batch):
+        outcome = service._write_data_batch((batch, batch, service._floors(batch)))
+        assert not isinstance(outcome, Exception), outcome
+        return outcome
     try:
-        service.devices.learn(service._store(first).devices, time.monotonic())
+        service.devices.learn(write(first).devices, time.monotonic())
         assert service.devices.known
         with psycopg.connect(database_url, autocommit=True) as conn:
             for table in ("reading", "sensor", "datalogger", "gateway"):
                 conn.execute(f"DELETE FROM {table}")
-        service._store([second])
+        write([second])
         assert not service.devices.known  # emptied by the failure
     finally:
-        service.db.close()
+        service.data_db.close()
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM reading").fetchone()[0] == 2
         assert conn.execute("SELECT count(*) FROM mqtt_parsing_log").fetchone()[0] == 0
