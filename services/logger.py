@@ -656,6 +656,10 @@ class LoggerService:
         #: The data batch the writer is storing (its bytes count against the bound too).
         self.inflight: list[Item] = []
         self.inflight_bytes = 0
+        #: Senders' floors committed (in memory) but not yet in sitelink_stream.
+        self.floors_owed: dict[tuple[str, str], int] = {}
+        #: Senders whose floors the batch being written updates.
+        self.inflight_senders: set[tuple[str, str]] = set()
         self.batch_started: float | None = None
         self.db_failures = 0
         self.db_retry_at = 0.0
@@ -713,7 +717,9 @@ class LoggerService:
                 self.publisher.heartbeat()
                 self._prune()
                 if not self.pending and not self.urgent and not self.writer.busy and not self.db_failures:
-                    self.retention.step()
+                    self._pay_floors()
+                    if not self.db_failures:
+                        self.retention.step()
         finally:
             self._shutdown()
             signals.close()
@@ -841,18 +847,36 @@ class LoggerService:
         row only takes a newer (epoch, seq); the sender's floor and acks count
         only what is committed, whichever lane committed it.
         """
-        if self.urgent:
-            batch = self.urgent
-            if not self._settle(batch, self._attempt(batch, self.db, None, lambda s: (
-                    self._not_yet_stored(batch, s), self._floors(batch)))):
-                return
-            self.urgent = []
+        if self.urgent and not self._flush_urgent():
+            return
         if self.pending and not self.writer.busy and (everything or self._data_ready(time.monotonic())):
             self._hand_over()
             if everything:
                 self._take_written(block=True)
         if not self.pending and not self.urgent:
             self.pending_bytes = 0
+
+    def _flush_urgent(self) -> bool:
+        """Store the status lane on the main connection; False if it has to wait.
+
+        The floors of senders with events in the batch being written are left
+        to the writer (owed, see ``_take_written``): the two lanes' transactions
+        never update the same ``sitelink_stream`` row at once, so neither waits
+        for the other's commit.
+        """
+        batch, busy = self.urgent, self.inflight_senders
+
+        def prepare(s: db.Session) -> tuple[list[Item], dict[tuple[str, str], int]]:
+            kept = self._not_yet_stored(batch, s)
+            return kept, {key: upto for key, upto in self._floors(batch).items() if key not in busy}
+        if not self._settle(batch, self._attempt(batch, self.db, None, prepare)):
+            return False
+        for key in {(item.sender, item.incarnation) for item in batch} & busy:
+            stream = self.streams.get(key)
+            if stream is not None:  # committed now: owed (only after the commit, never before)
+                self.floors_owed[key] = max(stream.low, self.floors_owed.get(key, 0))
+        self.urgent = []
+        return True
 
     def _hand_over(self) -> None:
         """Give the data batch to the writer; the main loop goes on reading meanwhile."""
@@ -864,7 +888,11 @@ class LoggerService:
             return
         self.inflight, self.inflight_bytes = batch, self.pending_bytes
         self.pending, self.pending_bytes, self.batch_started = [], 0, None
-        self.writer.submit((batch, kept, self._floors(batch)))
+        floors = self._floors(batch)
+        for key, upto in self.floors_owed.items():
+            floors[key] = max(upto, floors.get(key, 0))
+        self.inflight_senders = set(floors)
+        self.writer.submit((batch, kept, floors))
 
     def _write_data_batch(self, job: Job) -> Result:
         """The writer thread's work: touches only its connection and the device cache."""
@@ -879,6 +907,7 @@ class LoggerService:
         (batch, _, floors), result = done
         settled = self._settle(batch, result)
         self.inflight, held = [], self.inflight_bytes
+        self.inflight_senders = set()
         self.inflight_bytes = 0
         if not settled:  # back in front of what came meanwhile
             self.pending = batch + self.pending
@@ -886,16 +915,29 @@ class LoggerService:
             self.batch_started = self.batch_started or time.monotonic()
             return
         # A status lane that committed meanwhile may have moved a floor past
-        # what this batch wrote: written now, or a restart would store again
-        # what is committed.
-        behind = {key: self.streams[key].low for key, upto in floors.items()
-                  if key in self.streams and self.streams[key].low > upto}
-        if behind:
-            try:
-                with self.db.transaction() as s:
-                    self._record_floors(s, behind)
-            except db.DatabaseError as exc:
-                logger.debug("could not move {} floors yet ({}); the next commit does", len(behind), exc)
+        # what this batch wrote: owed, and written with the next data batch or
+        # once the logger is idle (a restart before would store those statuses
+        # again), not in a commit of its own per batch.
+        owed = self.floors_owed
+        for key, upto in floors.items():
+            if owed.get(key, -1) <= upto:
+                owed.pop(key, None)
+            stream = self.streams.get(key)
+            if stream is not None and stream.low > upto:
+                owed[key] = stream.low
+
+    def _pay_floors(self) -> None:
+        """Write the floors owed (see ``_take_written``) while there is nothing else to do."""
+        if not self.floors_owed:
+            return
+        owed, self.floors_owed = self.floors_owed, {}
+        try:
+            with self.db.transaction() as s:
+                self._record_floors(s, owed)
+        except db.DatabaseError as exc:
+            self._retry_later(exc, 0)
+            for key, upto in owed.items():
+                self.floors_owed[key] = max(upto, self.floors_owed.get(key, 0))
 
     def _attempt(self, batch: list[Item], database: db.Database, devices: DeviceCache | None,
                  prepare: Callable[[db.Session], tuple[list[Item], dict[tuple[str, str], int]]]) -> Result:
@@ -1031,9 +1073,11 @@ class LoggerService:
 
     @staticmethod
     def _record_floors(s: db.Session, floors: dict[tuple[str, str], int]) -> None:
-        """Store, with the events, up to where each sender is committed. In the
-        senders' order: the two lanes' transactions lock their rows alike and
-        cannot deadlock."""
+        """Store, with the events, up to where each sender is committed (in the
+        senders' order, so that two transactions lock their rows alike; the two
+        lanes do not even share rows: ``_flush_urgent``)."""
+        if not floors:
+            return
         keys = sorted(floors)
         s.run("stream_commit", {"senders": [k[0] for k in keys], "incarnations": [k[1] for k in keys],
                                 "upto": [floors[k] for k in keys]})
@@ -1175,6 +1219,8 @@ class LoggerService:
         if (self.pending or self.urgent) and time.monotonic() >= self.db_retry_at:
             self._flush(everything=True)
         self.writer.close()
+        if not self.pending and not self.urgent and time.monotonic() >= self.db_retry_at:
+            self._pay_floors()
         if self.pending or self.urgent:
             logger.warning("exiting with {} events not stored; their senders will send them again",
                            len(self.pending) + len(self.urgent))
