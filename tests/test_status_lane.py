@@ -15,20 +15,34 @@ BASE_TS = 1795860000  # 2026-11-28T10:00:00Z
 READINGS = 50
 
 
+def _joined_feed(stack):
+    """A feed subscriber, joined once a heartbeat arrives: nothing published after it is missed."""
+    feed = stack.feed()
+    wait_for(lambda: feed.socket.poll(0) and feed.socket.recv_multipart(), timeout=30, what="a feed heartbeat")
+    return feed
+
+
+def _sender(sock, cid: int, incarnation: str):
+    def send(seq, event):
+        sock.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation=incarnation, seq=seq, floor=0,
+                                           ts=time.time(), event=event)))
+    return send
+
+
+def _send_readings(send, cid: int) -> None:
+    for n in range(1, READINGS + 1):
+        send(n, Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
+                     sensors={"S": {"n": float(n)}}))
+
+
 def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_back(stack):
     cid = stack.sql.add_site("lane", port=stack.broker.port, active=False)
     # The data batch cannot be due before the logger stops: it waits to be filled.
     stack.start("logger", SITELINK_BATCH_WAIT="3600", SITELINK_BATCH_MAX="100000")
-    feed = stack.feed()
-    # Joined once a heartbeat arrives: nothing published after it is missed.
-    wait_for(lambda: feed.socket.poll(0) and feed.socket.recv_multipart(), timeout=30, what="a feed heartbeat")
+    feed = _joined_feed(stack)
     with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
-        def send(seq, event):
-            sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation="lane-1", seq=seq, floor=0,
-                                                 ts=time.time(), event=event)))
-        for n in range(1, READINGS + 1):
-            send(n, Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
-                         sensors={"S": {"n": float(n)}}))
+        send = _sender(sender, cid, "lane-1")
+        _send_readings(send, cid)
         send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
 
         _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
@@ -59,18 +73,13 @@ def test_a_status_is_published_while_postgresql_is_still_writing_a_data_batch(st
     the batch then lands whole, with its sender's floor past both."""
     cid = stack.sql.add_site("writing", port=stack.broker.port, active=False)
     stack.start("logger")
-    feed = stack.feed()
-    wait_for(lambda: feed.socket.poll(0) and feed.socket.recv_multipart(), timeout=30, what="a feed heartbeat")
+    feed = _joined_feed(stack)
     blocker = psycopg.connect(stack.sql.url)
     try:
         blocker.execute("LOCK TABLE reading IN SHARE MODE")  # INSERTs wait until it commits
         with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
-            def send(seq, event):
-                sender.send(protocol.encode(Envelope(sender=f"conn:{cid}", incarnation="writing-1", seq=seq,
-                                                     floor=0, ts=time.time(), event=event)))
-            for n in range(1, READINGS + 1):
-                send(n, Data(connection_id=cid, topic="t", gateway="GW", ts=BASE_TS + n, datalogger="DL",
-                             sensors={"S": {"n": float(n)}}))
+            send = _sender(sender, cid, "writing-1")
+            _send_readings(send, cid)
             wait_for(lambda: stack.sql.value(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sitelink-logger-data' "
                 "AND wait_event_type = 'Lock'") == 1, timeout=30, what="the data batch waiting on the lock")
