@@ -35,6 +35,16 @@ def _send_readings(send, cid: int) -> None:
                      sensors={"S": {"n": float(n)}}))
 
 
+def _status_comes_first(stack, feed, send, cid: int) -> None:
+    """A status sent behind the readings is stored and published while none of them is stored."""
+    send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
+    _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
+                            what="the status on the feed")
+    assert body["status"] == "connected"
+    assert stack.sql.status(cid) == "connected"
+    assert stack.sql.value("SELECT count(*) FROM reading") == 0
+
+
 def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_back(stack):
     cid = stack.sql.add_site("lane", port=stack.broker.port, active=False)
     # The data batch cannot be due before the logger stops: it waits to be filled.
@@ -43,14 +53,8 @@ def test_a_status_change_is_stored_and_published_while_the_data_batch_is_held_ba
     with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
         send = _sender(sender, cid, "lane-1")
         _send_readings(send, cid)
-        send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
-
-        _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
-                                what="the status on the feed")
-        assert body["status"] == "connected"
-        assert stack.sql.status(cid) == "connected"
-        # Behind it, the data batch is still held: nothing of it is stored, or acknowledged.
-        assert stack.sql.value("SELECT count(*) FROM reading") == 0
+        _status_comes_first(stack, feed, send, cid)
+        # Behind it, the data batch is still held: nothing of it is acknowledged either.
         uptos = []
         while sender.poll(0):
             message = protocol.decode_reply(sender.recv())
@@ -84,12 +88,7 @@ def test_a_status_is_published_while_postgresql_is_still_writing_a_data_batch(st
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sitelink-logger-data' "
                 "AND wait_event_type = 'Lock'") == 1, timeout=30, what="the data batch waiting on the lock")
 
-            send(READINGS + 1, StatusChange(connection_id=cid, status="connected", message="up"))
-            _, body = feed.wait_for(lambda t, b: b.get("type") == "mqtt_status" and b["connection_id"] == cid,
-                                    what="the status on the feed")
-            assert body["status"] == "connected"
-            assert stack.sql.status(cid) == "connected"
-            assert stack.sql.value("SELECT count(*) FROM reading") == 0
+            _status_comes_first(stack, feed, send, cid)
 
             blocker.commit()
             wait_for(lambda: stack.sql.value("SELECT count(*) FROM reading") == READINGS, timeout=30,
