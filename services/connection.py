@@ -520,7 +520,8 @@ class ConnectionChild:
             exception_type=type(exc).__name__ if exc is not None else "",
             traceback=self.conn.redact("".join(traceback.format_exception(exc))) if exc is not None else "",
             retry_attempt=retry_attempt, next_retry_at=next_retry_at, gave_up=gave_up, epoch=self.conn.epoch))
-        logger.info("connection {} {}: {}", self.conn.connection_id, status, message)
+        # An empty message is a stop we were asked for (the logger stores "Disconnected cleanly").
+        logger.info("connection {} {}: {}", self.conn.connection_id, status, message or "cleanly, as asked")
 
     def _attempt(self) -> None:
         if self._past_fence():

@@ -37,6 +37,8 @@ def test_inactive_connection_disconnects_and_its_child_is_gone(stack, broker):
     wait_for(lambda: not alive(child), what="the child to exit")
     assert stack.sql.one("SELECT 1 FROM mqtt_connection_log WHERE connection_id = %s "
                          "AND message = 'Disconnected cleanly'", cid)
+    # The child's own log line says so too (it said "disconnected: " with nothing after).
+    assert f"connection {cid} disconnected: cleanly, as asked" in stack.output("monitor")
 
 
 def test_missing_broker_logs_errors_with_retry_attempt_and_next_retry(stack):
