@@ -552,13 +552,15 @@ class DataWriter:
     thread only runs ``store``, the database work; the main loop hands it a
     batch when none is in flight (``submit``) and takes the result back
     (``take``) when ``wake`` is readable, so the delivery state, the acks,
-    the feed and the file logs stay on the main thread.
+    the feed and the file logs stay on the main thread. ``job`` is the batch
+    in flight, None when the writer is idle.
     """
 
     def __init__(self, context: zmq.Context, store: Callable[[Job], Result]):
         self.store = store
+        self.job: Job | None = None
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.results: queue.SimpleQueue[tuple[Job, Result]] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
         address = f"inproc://sitelink-data-writer-{id(self)}"
         self.wake = context.socket(zmq.PAIR)
         self.wake.setsockopt(zmq.LINGER, 0)
@@ -566,30 +568,38 @@ class DataWriter:
         self._ring = context.socket(zmq.PAIR)  # used by the thread only, from here on
         self._ring.setsockopt(zmq.LINGER, 0)
         self._ring.connect(address)
-        self.busy = False
         self._thread = threading.Thread(target=self._run, name="data-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    @property
+    def batch(self) -> list[Item]:
+        """The events of the batch in flight."""
+        return self.job[0] if self.job is not None else []
+
+    @property
+    def senders(self) -> dict[tuple[str, str], int]:
+        """The senders whose floors the batch in flight writes (with those floors)."""
+        return self.job[2] if self.job is not None else {}
+
     def submit(self, job: Job) -> None:
-        assert not self.busy
-        self.busy = True
+        assert self.job is None
+        self.job = job
         self.jobs.put(job)
 
     def take(self, block: bool = False) -> tuple[Job, Result] | None:
-        """The result of the batch in flight, once written (``block``: wait for it)."""
-        if not self.busy:
+        """The batch in flight and its result, once written (``block``: wait for it)."""
+        if self.job is None:
             return None
-        while True:
-            try:
-                self.wake.recv(0 if block else zmq.NOBLOCK)
-            except zmq.Again:
-                return None
-            try:
-                done = self.results.get_nowait()
-            except queue.Empty:
-                continue  # a ring whose result was taken already
-            self.busy = False
-            return done
+        try:
+            self.wake.recv(0 if block else zmq.NOBLOCK)  # rung once the result is in
+        except zmq.Again:
+            return None
+        job, self.job = self.job, None
+        return job, self.results.get_nowait()
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -597,7 +607,7 @@ class DataWriter:
                 result: Result = self.store(job)
             except Exception as exc:  # store() returns its failures; this is a bug of ours
                 result = exc
-            self.results.put((job, result))
+            self.results.put(result)
             self._ring.send(b"")
         self._ring.close()
 
@@ -653,13 +663,10 @@ class LoggerService:
         #: transaction of their own before any data, as soon as they are read.
         self.urgent: list[Item] = []
         self.pending_bytes = 0  # of both lanes
-        #: The data batch the writer is storing (its bytes count against the bound too).
-        self.inflight: list[Item] = []
+        #: The bytes of the data batch the writer is storing (they count against the bound too).
         self.inflight_bytes = 0
         #: Senders' floors committed (in memory) but not yet in sitelink_stream.
         self.floors_owed: dict[tuple[str, str], int] = {}
-        #: Senders whose floors the batch being written updates.
-        self.inflight_senders: set[tuple[str, str]] = set()
         self.batch_started: float | None = None
         self.db_failures = 0
         self.db_retry_at = 0.0
@@ -727,7 +734,7 @@ class LoggerService:
     def _full(self) -> bool:
         """Both lanes and the batch being written together hold at most
         SITELINK_BATCH_MAX events and MAX_BATCH_BYTES."""
-        return (len(self.pending) + len(self.urgent) + len(self.inflight) >= self.settings.batch_max
+        return (len(self.pending) + len(self.urgent) + len(self.writer.batch) >= self.settings.batch_max
                 or self.pending_bytes + self.inflight_bytes >= MAX_BATCH_BYTES)
 
     def _poll_timeout(self) -> float:
@@ -864,14 +871,14 @@ class LoggerService:
         never update the same ``sitelink_stream`` row at once, so neither waits
         for the other's commit.
         """
-        batch, busy = self.urgent, self.inflight_senders
+        batch, busy = self.urgent, self.writer.senders
 
         def prepare(s: db.Session) -> tuple[list[Item], dict[tuple[str, str], int]]:
             kept = self._not_yet_stored(batch, s)
             return kept, {key: upto for key, upto in self._floors(batch).items() if key not in busy}
         if not self._settle(batch, self._attempt(batch, self.db, None, prepare)):
             return False
-        for key in {(item.sender, item.incarnation) for item in batch} & busy:
+        for key in {(item.sender, item.incarnation) for item in batch} & busy.keys():
             stream = self.streams.get(key)
             if stream is not None:  # committed now: owed (only after the commit, never before)
                 self.floors_owed[key] = max(stream.low, self.floors_owed.get(key, 0))
@@ -886,12 +893,11 @@ class LoggerService:
         except db.DatabaseError as exc:
             self._retry_later(exc, len(self.pending) + len(self.urgent))
             return
-        self.inflight, self.inflight_bytes = batch, self.pending_bytes
-        self.pending, self.pending_bytes, self.batch_started = [], 0, None
         floors = self._floors(batch)
         for key, upto in self.floors_owed.items():
             floors[key] = max(upto, floors.get(key, 0))
-        self.inflight_senders = set(floors)
+        self.inflight_bytes = self.pending_bytes
+        self.pending, self.pending_bytes, self.batch_started = [], 0, None
         self.writer.submit((batch, kept, floors))
 
     def _write_data_batch(self, job: Job) -> Result:
@@ -905,14 +911,12 @@ class LoggerService:
         if done is None:
             return
         (batch, _, floors), result = done
-        settled = self._settle(batch, result)
-        self.inflight, held = [], self.inflight_bytes
-        self.inflight_senders = set()
-        self.inflight_bytes = 0
-        if not settled:  # back in front of what came meanwhile
+        held, self.inflight_bytes = self.inflight_bytes, 0
+        if isinstance(result, Exception):  # to be tried again: in front of what came meanwhile
             self.pending = batch + self.pending
             self.pending_bytes += held
             self.batch_started = self.batch_started or time.monotonic()
+        if not self._settle(batch, result):
             return
         # A status lane that committed meanwhile may have moved a floor past
         # what this batch wrote: owed, and written with the next data batch or
@@ -958,7 +962,7 @@ class LoggerService:
     def _settle(self, batch: list[Item], result: Result) -> bool:
         """After a batch: acks, feed and logs once committed; False if it has to wait."""
         if isinstance(result, Exception):
-            self._retry_later(result, len(self.pending) + len(self.urgent) + len(self.inflight))
+            self._retry_later(result, len(self.pending) + len(self.urgent) + len(self.writer.batch))
             return False
         outcome = result
         if self.db_failures:
@@ -983,6 +987,9 @@ class LoggerService:
                prepare: Callable[[db.Session], tuple[list[Item], dict[tuple[str, str], int]]]) -> Outcome:
         """Write ``batch`` on ``database``; ``prepare`` gives, inside each attempt's
         transaction, what of it is not yet stored and each sender's floor once it is."""
+        def forget_devices() -> None:  # a failed batch may have failed on a stale id
+            if devices is not None:
+                devices.clear()
         # With the devices known fresh first; if that fails, once more without
         # them (an id may be stale: a device deleted meanwhile), then one by one.
         for cache in ((devices, None) if devices is not None and devices.known else (None,)):
@@ -993,20 +1000,17 @@ class LoggerService:
                     self._record_floors(s, floors)
                     return out
             except db.DatabaseUnavailable:
-                if devices is not None:
-                    devices.clear()
+                forget_devices()
                 raise
             except db.DatabaseError as exc:
-                if devices is not None:
-                    devices.clear()
+                forget_devices()
                 if not isinstance(exc, db.DataRejected):
                     raise
                 if cache is None:
                     logger.warning("a batch of {} events was rejected ({}); storing them one by one",
                                    len(batch), exc)
             except Exception as exc:  # e.g. a value our own code cannot convert
-                if devices is not None:
-                    devices.clear()
+                forget_devices()
                 if cache is None:
                     logger.warning("a batch of {} events failed ({}: {}); storing them one by one",
                                    len(batch), type(exc).__name__, exc)
