@@ -1,5 +1,6 @@
 """Migrations: applied once, in order, safely in parallel; services refuse a database behind."""
 
+import re
 import threading
 
 import psycopg
@@ -102,6 +103,69 @@ def test_constraints_reject_impossible_rows_by_a_name_that_says_why(database_url
                 assert f'violates check constraint "{constraint}"' in str(exc)
                 continue
             raise AssertionError(f"{columns} was accepted")
+
+
+#: A new value for each column of a connection's configuration (and is_active).
+CONFIG_CHANGES = {
+    "broker_host": "other.example.net", "broker_port": 1884, "username": "gw", "client_id": "another-id",
+    "keepalive": 30, "use_tls": True, "topics": ["other/#"], "qos": 0, "parser_name": "other",
+    "stall_after": 600, "ping_timeout": 20, "mqtt_protocol": "5", "clean_session": True, "is_active": False,
+}
+
+
+def _trigger_columns(conn, trigger: str) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT a.attname FROM pg_trigger t JOIN pg_attribute a ON a.attrelid = t.tgrelid "
+        "AND a.attnum = ANY (t.tgattr::int2[]) WHERE t.tgname = %s", (trigger,))}
+
+
+def test_the_configuration_triggers_watch_every_column_of_the_configuration(database_url):
+    """The triggers that reset a connection's retry and wake the monitors fire
+    only for an UPDATE that names a configuration column (their WHEN alone cost
+    a status update 2.5 ms): their column lists must be the configuration's."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        body = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'mqtt_connection_config'").fetchone()[0]
+        config = set(re.findall(r"\bc\.(\w+)", body))
+        assert {"broker_host", "password", "topics", "clean_session"} <= config
+        for trigger in ("mqtt_connection_reset_retry", "mqtt_connection_notify_update"):
+            assert _trigger_columns(conn, trigger) == config | {"is_active"}, trigger
+
+
+def test_a_change_of_configuration_resets_the_retry_and_wakes_the_monitor_but_a_status_does_neither(
+        database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn, \
+            psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN sitelink_mqtt_connection")
+        sites = [r[0] for r in conn.execute("INSERT INTO site (name) VALUES ('x'), ('y') RETURNING id")]
+        cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host) VALUES (%s, 'h') RETURNING id",
+                           (sites[0],)).fetchone()[0]
+        cooling = ("UPDATE mqtt_connection SET mqtt_retry_count = 3, "
+                   "mqtt_next_retry = now() + interval '1 hour' WHERE id = %s")
+
+        def notified() -> list[str]:
+            """What was notified since the last call: up to a marker sent now
+            (notifications of one session arrive in the order of its commits)."""
+            conn.execute("SELECT pg_notify('sitelink_mqtt_connection', 'marker')")
+            payloads = []
+            for n in listener.notifies(timeout=10):
+                if n.payload == "marker":
+                    return payloads
+                payloads.append(n.payload)
+            raise AssertionError(f"no marker; got {payloads}")
+        notified()  # the INSERT's
+        changes = {**CONFIG_CHANGES, "site_id": sites[1], "password": "secret", "tls_ca_path": "/etc/ssl/ca.pem"}
+        for column, value in changes.items():
+            conn.execute(cooling, (cid,))
+            conn.execute(f"UPDATE mqtt_connection SET {column} = %s WHERE id = %s", (value, cid))
+            row = conn.execute("SELECT mqtt_retry_count, mqtt_next_retry FROM mqtt_connection WHERE id = %s",
+                               (cid,)).fetchone()
+            assert row == (0, None), column
+            assert notified() == [f"update:{cid}"], column
+        conn.execute(cooling, (cid,))
+        conn.execute("UPDATE mqtt_connection SET status = 'connected', status_changed_at = now(), "
+                     "error_message = '', connection_errors = 0, broker_host = broker_host WHERE id = %s", (cid,))
+        assert conn.execute("SELECT mqtt_retry_count FROM mqtt_connection WHERE id = %s", (cid,)).fetchone()[0] == 3
+        assert notified() == []
 
 
 def test_no_one_marks_a_row_exempt_from_the_rules(database_url):
