@@ -146,6 +146,16 @@ def cpu_seconds(pid: int) -> float | None:
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
+
+def run_seconds(pid: int) -> float | None:
+    """CPU seconds ``pid`` has run, to the nanosecond (/proc/PID/schedstat): the
+    clock ticks of /proc/PID/stat miss most of a child that runs a few ms."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
 def threads_cpu_and_wakeups(pid: int) -> tuple[float, int] | None:
     """CPU seconds all of ``pid``'s threads have run, to the nanosecond
     (/proc/PID/task/*/schedstat), and how often they were switched in (context
@@ -172,6 +182,13 @@ def start_time(pid: int) -> float | None:
     with open("/proc/stat") as f:
         btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
     return btime + int(fields[19]) / CLK_TCK
+
+
+def started_since_boot(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since boot (resolution 1/CLK_TCK s):
+    comparable with ``time.clock_gettime(time.CLOCK_BOOTTIME)``."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) / CLK_TCK if fields is not None else None
 
 
 def parent_pid(pid: int) -> int | None:
@@ -526,3 +543,31 @@ def fmt(value: float | None, digits: int = 0) -> str:
     if value is None or value != value:
         return "n/a"
     return f"{value:,.{digits}f}"
+
+
+# ------------------------------------------------------------------ the floor under starting children
+
+def bare_forks(broker_port: int, n: int, tmp: Path, timeout: float = 120.0) -> dict:
+    """Run ``tests/bench/reference_forks.py`` (bare forks of a parent that imported
+    paho, pyzmq and msgpack, each connecting, subscribing and saying so over
+    ZeroMQ) for ``n`` children: its timings, and, while they are connected, the
+    children's CPU (schedstat) and memory and the parent's CPU."""
+    proc = LineProcess([sys.executable, str(BENCH_DIR / "reference_forks.py"), "--port", str(broker_port),
+                        "--children", str(n), "--timeout", str(timeout)], tmp / f"reference-forks-{n}.err",
+                       stdin=True)
+    try:
+        figures = json.loads(proc.expect("{", timeout + 60))
+        pids = figures.pop("pids")
+        cpu = [c for p in pids if (c := run_seconds(p)) is not None]
+        mems = [m for p in pids if (m := memory(p)) is not None]
+        figures["child_cpu_ms"] = 1000 * statistics.mean(cpu) if cpu else None
+        parent = threads_cpu_and_wakeups(proc.pid)
+        figures["parent_cpu_ms"] = 1000 * parent[0] / max(1, n) if parent else None
+        figures["uss_mib"] = median([m["uss"] / 1024 for m in mems]) if mems else None
+        figures["uss_max_mib"] = max(m["uss"] / 1024 for m in mems) if mems else None
+        figures["mems"] = mems
+        proc.send("stop\n")
+        proc.proc.wait(60)
+        return figures
+    finally:
+        proc.stop()

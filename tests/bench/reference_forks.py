@@ -1,0 +1,115 @@
+"""The floor under starting children: bare forks that connect and say so.
+
+    python tests/bench/reference_forks.py --port 1883 --children 200
+
+Issue 11's floor, built to be measured in the same run as sitelink: a parent
+that has imported paho, pyzmq and msgpack (and nothing of sitelink) binds one
+ZeroMQ PULL socket and forks N children one after the other, as fast as it
+can. Each child opens a ZeroMQ context and one PUSH socket to the parent,
+connects a paho client to the broker, subscribes to one topic and, once the
+broker has acknowledged the subscription, sends one msgpack message; then it
+sleeps in paho's loop. No settings, no database, no status rows, no logs, no
+connect-rate cap.
+
+Prints one JSON line once all N have reported (or --timeout passed): the
+seconds from the first fork to the last fork and to the last report, each
+fork's duration per chunk of 250 (median and p90, ms), and the children's
+pids, which stay alive, connected, until a line arrives on stdin (so that
+their memory can be read); then it kills them and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+
+import msgpack
+import paho.mqtt.client as mqtt
+import zmq
+
+CHUNK = 250
+PR_SET_PDEATHSIG = 1
+
+
+def child(port: int, endpoint: str, n: int) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctx = zmq.Context(1)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"reference-fork-{n}")
+
+    def on_connect(c, userdata, flags, reason, properties):
+        c.subscribe(f"reference/{n}/#", qos=1)
+
+    def on_subscribe(c, userdata, mid, reasons, properties):
+        push.send(msgpack.packb({"n": n, "pid": os.getpid(), "at": time.time()}))
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.loop_forever()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--children", type=int, default=200)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args()
+
+    ctx = zmq.Context(1)
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    pids: list[int] = []
+    forks: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for n in range(args.children):
+            t = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    pull.close(linger=0)
+                    child(args.port, endpoint, n)
+                finally:
+                    os._exit(0)
+            forks.append(time.perf_counter() - t)
+            pids.append(pid)
+        last_fork = time.perf_counter() - t0
+        reported: set[int] = set()
+        deadline = time.monotonic() + args.timeout
+        while len(reported) < args.children and time.monotonic() < deadline:
+            if pull.poll(500):
+                reported.add(msgpack.unpackb(pull.recv())["n"])
+        all_connected = time.perf_counter() - t0 if len(reported) == args.children else None
+        chunks = []
+        for k in range(0, len(forks), CHUNK):
+            part = sorted(forks[k:k + CHUNK])
+            chunks.append({"from": k, "to": k + len(part) - 1, "median_ms": 1000 * statistics.median(part),
+                           "p90_ms": 1000 * part[int(len(part) * 0.9)]})
+        print(json.dumps({"children": args.children, "connected": len(reported), "last_fork": last_fork,
+                          "all_connected": all_connected, "forks": chunks, "pids": pids}), flush=True)
+        sys.stdin.readline()
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+if __name__ == "__main__":
+    main()
