@@ -3,9 +3,9 @@
     python tests/bench/reference_forks.py --port 1883 --children 200
 
 Issue 11's floor, built to be measured in the same run as sitelink: a parent
-that has imported paho, pyzmq and msgpack (and nothing of sitelink) binds one
-ZeroMQ PULL socket and forks N children one after the other, as fast as it
-can. Each child opens a ZeroMQ context and one PUSH socket to the parent,
+that has imported paho, pyzmq and msgpack (and nothing of sitelink) forks a
+collector (one ZeroMQ PULL socket), then N children one after the other, as
+fast as it can. Each child opens a ZeroMQ context and one PUSH socket to the collector,
 connects a paho client to the broker, subscribes to one topic and, once the
 broker has acknowledged the subscription, sends one msgpack message; then it
 sleeps in paho's loop. No settings, no database, no status rows, no logs, no
@@ -13,9 +13,10 @@ connect-rate cap.
 
 Prints one JSON line once all N have reported (or --timeout passed): the
 seconds from the first fork to the last fork and to the last report, each
-fork's duration per chunk of 250 (median and p90, ms), and the children's
-pids, which stay alive, connected, until a line arrives on stdin (so that
-their memory can be read); then it kills them and exits.
+fork's duration per chunk of 250 (median and p90, ms, and the chunk's wall
+time, s), and the children's pids, which stay alive, connected, until a line
+arrives on stdin (so that their memory can be read); then it kills them and
+exits.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def child(port: int, endpoint: str, n: int) -> None:
     client.loop_forever()
 
 
+def collector(n: int, timeout: float, out: int) -> None:
+    """Bind the PULL socket, write its port to ``out``, count the children's
+    reports; then write how many came and when the last did (CLOCK_MONOTONIC,
+    the same clock in every process)."""
+    ctx = zmq.Context(1)
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    os.write(out, f"{port}\n".encode())
+    reported: set[int] = set()
+    last = None
+    deadline = time.monotonic() + timeout
+    while len(reported) < n and time.monotonic() < deadline:
+        if pull.poll(500):
+            reported.add(msgpack.unpackb(pull.recv())["n"])
+            last = time.monotonic()
+    os.write(out, (json.dumps({"connected": len(reported), "last": last}) + "\n").encode())
+    os.read(0, 1)  # until the parent is done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -64,47 +84,58 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args()
 
-    ctx = zmq.Context(1)
-    pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    endpoint = f"tcp://127.0.0.1:{port}"
+    # The reports go to a process of their own: the connections a PULL socket
+    # accepts (buffers, sessions) would grow the forking parent, and with it
+    # the cost of each fork, by the children already forked.
+    r, w = os.pipe()
     pids: list[int] = []
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(r)
+            collector(args.children, args.timeout, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    answers = os.fdopen(r)
+    endpoint = f"tcp://127.0.0.1:{int(answers.readline())}"
     forks: list[float] = []
-    t0 = time.perf_counter()
+    ends: list[float] = []
+    t0 = time.monotonic()
     try:
         for n in range(args.children):
-            t = time.perf_counter()
+            t = time.monotonic()
             pid = os.fork()
             if pid == 0:
                 try:
-                    pull.close(linger=0)
+                    os.closerange(3, 1 << 20)  # nothing of the parent's (close_range(2): one call)
                     child(args.port, endpoint, n)
                 finally:
                     os._exit(0)
-            forks.append(time.perf_counter() - t)
+            forks.append(time.monotonic() - t)
+            ends.append(time.monotonic() - t0)
             pids.append(pid)
-        last_fork = time.perf_counter() - t0
-        reported: set[int] = set()
-        deadline = time.monotonic() + args.timeout
-        while len(reported) < args.children and time.monotonic() < deadline:
-            if pull.poll(500):
-                reported.add(msgpack.unpackb(pull.recv())["n"])
-        all_connected = time.perf_counter() - t0 if len(reported) == args.children else None
+        last_fork = time.monotonic() - t0
+        result = json.loads(answers.readline())
+        all_connected = (result["last"] - t0 if result["connected"] == args.children and result["last"]
+                         else None)
         chunks = []
         for k in range(0, len(forks), CHUNK):
             part = sorted(forks[k:k + CHUNK])
-            chunks.append({"from": k, "to": k + len(part) - 1, "median_ms": 1000 * statistics.median(part),
-                           "p90_ms": 1000 * part[int(len(part) * 0.9)]})
-        print(json.dumps({"children": args.children, "connected": len(reported), "last_fork": last_fork,
+            last = k + len(part) - 1
+            chunks.append({"from": k, "to": last, "median_ms": 1000 * statistics.median(part),
+                           "p90_ms": 1000 * part[int(len(part) * 0.9)],
+                           "wall_s": ends[last] - (ends[k - 1] if k else 0.0)})
+        print(json.dumps({"children": args.children, "connected": result["connected"], "last_fork": last_fork,
                           "all_connected": all_connected, "forks": chunks, "pids": pids}), flush=True)
         sys.stdin.readline()
     finally:
-        for pid in pids:
+        for pid in [*pids, helper]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in pids:
+        for pid in [*pids, helper]:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
