@@ -4,6 +4,7 @@ import re
 import threading
 
 import psycopg
+import pytest
 
 from shared import db
 from tests.support import python_service
@@ -129,6 +130,65 @@ def test_the_configuration_triggers_watch_every_column_of_the_configuration(data
         assert {"broker_host", "password", "topics", "clean_session"} <= config
         for trigger in ("mqtt_connection_reset_retry", "mqtt_connection_notify_update"):
             assert _trigger_columns(conn, trigger) == config | {"is_active"}, trigger
+        assert _trigger_columns(conn, "mqtt_connection_rules") == config | {"config_predates_checks"}
+
+
+#: The rules a trigger checks (a CHECK constraint would cost every status update
+#: and claim renewal its regular expressions): a change that breaks each, on a row
+#: that follows them all.
+TRIGGER_RULES = [
+    ({"broker_host": "tcp://broker.example.net"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
+    ({"client_id": "id\x07"}, "mqtt_connection_client_id_is_mqtt_text"),
+    ({"topics": ["a/#/b"]}, "mqtt_connection_topic_filters_valid"),
+    ({"topics": ["a/b", "a/b"]}, "mqtt_connection_topics_without_duplicates"),
+    ({"username": "gw\n"}, "mqtt_connection_username_is_mqtt_text"),
+]
+
+
+def test_an_update_that_breaks_a_rule_is_refused_by_its_name_and_a_status_update_passes(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
+        cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host) VALUES (%s, 'h') RETURNING id",
+                           (site,)).fetchone()[0]
+        for columns, constraint in TRIGGER_RULES:
+            sets = ", ".join(f"{c} = %s" for c in columns)
+            try:
+                conn.execute(f"UPDATE mqtt_connection SET {sets} WHERE id = %s", [*columns.values(), cid])
+            except psycopg.errors.CheckViolation as exc:
+                assert exc.diag.constraint_name == constraint, (columns, exc.diag.constraint_name)
+                assert exc.diag.message_primary == (f'new row for relation "mqtt_connection" violates check '
+                                                    f'constraint "{constraint}"')
+                continue
+            raise AssertionError(f"{columns} was accepted")
+        conn.execute("UPDATE mqtt_connection SET status = 'connected', status_changed_at = now() WHERE id = %s",
+                     (cid,))
+
+
+def test_an_old_row_that_breaks_a_rule_takes_status_updates_but_no_other_change(pg_server):
+    """A row written before the rules (migration 0004 marks it) stays exempt
+    while only its status changes; any change of its configuration ends the
+    exemption, and the row must then follow every rule, those of the trigger too."""
+    url = fresh_database(pg_server, "sitelink_old_rule_breaker")
+    database = db.Database(url, "test-migrate")
+    try:
+        db.migrate(database, upto=3)
+        with psycopg.connect(url, autocommit=True) as conn:
+            site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
+            cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host, topics) "
+                               "VALUES (%s, 'h', ARRAY['a/#/b']) RETURNING id", (site,)).fetchone()[0]
+        db.migrate(database)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE mqtt_connection SET status = 'error', error_message = 'cannot start' "
+                         "WHERE id = %s", (cid,))
+            assert conn.execute("SELECT config_predates_checks FROM mqtt_connection").fetchone()[0] is True
+            with pytest.raises(psycopg.errors.CheckViolation) as refused:
+                conn.execute("UPDATE mqtt_connection SET keepalive = 30 WHERE id = %s", (cid,))
+            assert refused.value.diag.constraint_name == "mqtt_connection_topic_filters_valid"
+            conn.execute("UPDATE mqtt_connection SET topics = ARRAY['a/#'] WHERE id = %s", (cid,))
+            assert conn.execute("SELECT config_predates_checks FROM mqtt_connection").fetchone()[0] is False
+    finally:
+        database.close()
+        pg_server.execute("DROP DATABASE sitelink_old_rule_breaker WITH (FORCE)")
 
 
 def test_a_change_of_configuration_resets_the_retry_and_wakes_the_monitor_but_a_status_does_neither(
