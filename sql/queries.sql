@@ -29,8 +29,7 @@ INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
 -- does), 'free' (nobody does: never claimed, released or expired). No broker
 -- setting: a row whose config_hash is new to the monitor has them read by
 -- connection_settings (in steady state none: 10 columns instead of 27, no join).
-SELECT c.id, c.is_active, c.status, c.claimed_by, c.claim_epoch,
-       md5(mqtt_connection_config(c)) AS config_hash,
+SELECT c.id, c.is_active, c.status, c.claimed_by, c.claim_epoch, c.config_hash,
        (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
        extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
        extract(epoch FROM c.claim_expires_at - now())::float8 AS expires_in,
@@ -55,7 +54,7 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
        c.stall_after, c.ping_timeout, c.mqtt_protocol, c.clean_session,
        s.name AS site_name,  -- for the child's process title only: not configuration
-       md5(mqtt_connection_config(c)) AS config_hash
+       c.config_hash
 FROM mqtt_connection c JOIN site s ON s.id = c.site_id
 WHERE c.id IN (SELECT unnest(%(ids)s::bigint[]));
 

@@ -131,6 +131,38 @@ def test_the_configuration_triggers_watch_every_column_of_the_configuration(data
         for trigger in ("mqtt_connection_reset_retry", "mqtt_connection_notify_update"):
             assert _trigger_columns(conn, trigger) == config | {"is_active"}, trigger
         assert _trigger_columns(conn, "mqtt_connection_rules") == config | {"config_predates_checks"}
+        assert _trigger_columns(conn, "mqtt_connection_config_hash") == config | {"config_hash"}
+
+
+def test_the_stored_configuration_hash_is_the_configuration_s_whoever_writes_it(database_url):
+    """The monitor compares the row's config_hash every cycle: it must change with
+    any change of the configuration, and only then, and cannot be written by hand."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
+        cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host) VALUES (%s, 'h') RETURNING id",
+                           (site,)).fetchone()[0]
+
+        def stored_and_computed() -> tuple[str, str]:
+            return conn.execute("SELECT config_hash, md5(mqtt_connection_config(c)) FROM mqtt_connection c "
+                                "WHERE id = %s", (cid,)).fetchone()
+        first, computed = stored_and_computed()
+        assert first == computed
+        conn.execute("UPDATE mqtt_connection SET status = 'connected', is_active = false WHERE id = %s", (cid,))
+        assert stored_and_computed() == (first, first)
+        conn.execute("UPDATE mqtt_connection SET config_hash = 'forged' WHERE id = %s", (cid,))
+        assert stored_and_computed() == (first, first)
+        with conn.transaction():  # as logical replication writes: ordinary triggers skipped
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("UPDATE mqtt_connection SET keepalive = 45 WHERE id = %s", (cid,))
+        stored, computed = stored_and_computed()
+        assert stored == computed != first
+        for column, value in CONFIG_CHANGES.items():
+            if column == "is_active":
+                continue
+            before = stored_and_computed()[0]
+            conn.execute(f"UPDATE mqtt_connection SET {column} = %s WHERE id = %s", (value, cid))
+            stored, computed = stored_and_computed()
+            assert stored == computed != before, column
 
 
 #: The rules a trigger checks (a CHECK constraint would cost every status update
