@@ -49,20 +49,25 @@ def _tool_version(cmd: list[str]) -> str:
         return "unknown"
 
 
-def run_line() -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{now}, commit {commit()}, {os.cpu_count()} cores (os.cpu_count())"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def run_line() -> str:
+    """When, at which commit, on what: the machines the benchmarks run on change
+    (and with them every absolute figure), so each section names its CPU."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{now}, commit {commit()}, {os.cpu_count()} cores ({cpu_model()})"
+
+
+def machine() -> str:
+    cpu = cpu_model()
     mem = ""
     try:
         kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
