@@ -29,26 +29,6 @@
 --    the other is PL/pgSQL, whose plan is kept per connection. Same rules,
 --    same answers.
 
-DROP TRIGGER mqtt_connection_reset_retry ON mqtt_connection;
-CREATE TRIGGER mqtt_connection_reset_retry BEFORE UPDATE OF
-        site_id, broker_host, broker_port, username, password, client_id, keepalive, use_tls, tls_ca_path,
-        topics, qos, parser_name, stall_after, ping_timeout, mqtt_protocol, clean_session, is_active
-    ON mqtt_connection
-    FOR EACH ROW
-    WHEN (mqtt_connection_config(OLD) IS DISTINCT FROM mqtt_connection_config(NEW)
-          OR OLD.is_active IS DISTINCT FROM NEW.is_active)
-    EXECUTE FUNCTION mqtt_connection_reset_retry();
-
-DROP TRIGGER mqtt_connection_notify_update ON mqtt_connection;
-CREATE TRIGGER mqtt_connection_notify_update AFTER UPDATE OF
-        site_id, broker_host, broker_port, username, password, client_id, keepalive, use_tls, tls_ca_path,
-        topics, qos, parser_name, stall_after, ping_timeout, mqtt_protocol, clean_session, is_active
-    ON mqtt_connection
-    FOR EACH ROW
-    WHEN (mqtt_connection_config(OLD) IS DISTINCT FROM mqtt_connection_config(NEW)
-          OR OLD.is_active IS DISTINCT FROM NEW.is_active)
-    EXECUTE FUNCTION mqtt_connection_notify();
-
 -- The sum of the filters' lengths in bytes: array_to_string skips NULLs as
 -- sum() does.
 CREATE OR REPLACE FUNCTION mqtt_topics_octets(topics text[]) RETURNS bigint
@@ -93,13 +73,6 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- For any change of the configuration, not only of these rules' columns: a
--- change ends an old row's exemption, and the row must then follow every rule.
-CREATE TRIGGER mqtt_connection_rules BEFORE INSERT OR UPDATE OF
-        site_id, broker_host, broker_port, username, password, client_id, keepalive, use_tls, tls_ca_path,
-        topics, qos, parser_name, stall_after, ping_timeout, mqtt_protocol, clean_session, config_predates_checks
-    ON mqtt_connection
-    FOR EACH ROW EXECUTE FUNCTION mqtt_connection_rules();
 
 -- 4. Half of each page left free: a status update or a claim renewal (a
 --    quarter of the claims every cycle) writes the row's new version on its
@@ -123,12 +96,32 @@ BEGIN
     RETURN NEW;
 END $$;
 
-CREATE TRIGGER mqtt_connection_config_hash BEFORE INSERT OR UPDATE OF
-        site_id, broker_host, broker_port, username, password, client_id, keepalive, use_tls, tls_ca_path,
-        topics, qos, parser_name, stall_after, ping_timeout, mqtt_protocol, clean_session, config_hash
-    ON mqtt_connection
-    FOR EACH ROW EXECUTE FUNCTION mqtt_connection_config_hash();
--- Also for writes in replica mode (session_replication_role = replica, as
--- logical replication and some restores write), which skip ordinary
+-- The triggers that act on a change of the configuration, built from one list
+-- of its columns: those mqtt_connection_config reads (tests/test_migrations.py
+-- checks that the two agree).
+DO $$
+DECLARE
+    config constant text := 'site_id, broker_host, broker_port, username, password, client_id, keepalive, '
+                            || 'use_tls, tls_ca_path, topics, qos, parser_name, stall_after, ping_timeout, '
+                            || 'mqtt_protocol, clean_session';
+    changed constant text := 'mqtt_connection_config(OLD) IS DISTINCT FROM mqtt_connection_config(NEW) '
+                             || 'OR OLD.is_active IS DISTINCT FROM NEW.is_active';
+BEGIN
+    DROP TRIGGER mqtt_connection_reset_retry ON mqtt_connection;
+    EXECUTE format('CREATE TRIGGER mqtt_connection_reset_retry BEFORE UPDATE OF %s, is_active ON mqtt_connection '
+                   'FOR EACH ROW WHEN (%s) EXECUTE FUNCTION mqtt_connection_reset_retry()', config, changed);
+    DROP TRIGGER mqtt_connection_notify_update ON mqtt_connection;
+    EXECUTE format('CREATE TRIGGER mqtt_connection_notify_update AFTER UPDATE OF %s, is_active ON mqtt_connection '
+                   'FOR EACH ROW WHEN (%s) EXECUTE FUNCTION mqtt_connection_notify()', config, changed);
+    -- For any change of the configuration, not only of the rules' own columns:
+    -- a change ends an old row's exemption, and the row must then follow every rule.
+    EXECUTE format('CREATE TRIGGER mqtt_connection_rules BEFORE INSERT OR UPDATE OF %s, config_predates_checks '
+                   'ON mqtt_connection FOR EACH ROW EXECUTE FUNCTION mqtt_connection_rules()', config);
+    EXECUTE format('CREATE TRIGGER mqtt_connection_config_hash BEFORE INSERT OR UPDATE OF %s, config_hash '
+                   'ON mqtt_connection FOR EACH ROW EXECUTE FUNCTION mqtt_connection_config_hash()', config);
+END $$;
+
+-- The hash also for writes in replica mode (session_replication_role = replica,
+-- as logical replication and some restores write), which skip ordinary
 -- triggers: a row whose hash lagged its configuration would never be restarted.
 ALTER TABLE mqtt_connection ENABLE ALWAYS TRIGGER mqtt_connection_config_hash;
