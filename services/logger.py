@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -249,6 +250,7 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
     connection_logs: list[dict] = []
     parse_logs: list[dict] = []
     data: list[tuple[Envelope, Data]] = []
+    statuses = _Statuses(out, connection_logs, sites)
     for env in batch:
         if isinstance(env, Invalid):
             _record_invalid(env, out, connection_logs)
@@ -256,7 +258,7 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
         ev = env.event
         at = _at(env.ts)
         if isinstance(ev, StatusChange):
-            _write_status(s, env, ev, out, connection_logs, sites)
+            statuses.add(env, ev)
         elif isinstance(ev, ConnectionLog):
             connection_logs.append(dict(
                 connection_id=ev.connection_id, at=at, level=ev.level, message=_pg(ev.message),
@@ -278,6 +280,7 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
         elif isinstance(ev, Data):
             data.append((env, ev))
         elif isinstance(ev, Flow):
+            statuses.apply(s)  # it reads the row's status
             _write_flow(s, env, ev, out, connection_logs, sites)
         elif isinstance(ev, MonitorCycle):
             out.connection_lines.append(("DEBUG", (
@@ -291,6 +294,8 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
                 "id": ev.device_id, "site_id": ev.site_id, "site": sites.get(("site", ev.site_id)),
                 "name": ev.name, "last_seen_at": _at(ev.last_seen) if ev.last_seen is not None else None},
                 ev.online), "timestamp": at.isoformat()})
+    statuses.apply(s)
+    out.feed = [body for body in out.feed if body is not None]  # statuses not applied have none
     if connection_logs:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
@@ -341,34 +346,89 @@ def _record_invalid(item: Invalid, out: Outcome, connection_logs: list[dict]) ->
             retry_attempt=None))
 
 
-def _write_status(s: db.Session, env: Envelope, ev: StatusChange, out: Outcome,
-                  connection_logs: list[dict], sites: Sites) -> None:
-    at = _at(env.ts)
-    # Applied only above the row's order (epoch, seq), never by comparing
-    # the senders' clocks: ``at`` is only what people are shown.
-    row = s.one(f"status_{ev.status}", dict(
-        connection_id=ev.connection_id, at=at, message=_pg(ev.message),
-        retry_attempt=ev.retry_attempt,
-        retry_in=ev.next_retry_at - env.ts if ev.next_retry_at is not None else None,
-        epoch=ev.epoch, seq=env.seq + (protocol.FINAL_RANK if ev.final else 0)))
-    level = status_level(ev)
-    message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
-    # The log keeps every event; the row and the feed only the newest state
-    # (no row: the connection was deleted, or a newer status is already in).
-    connection_logs.append(dict(
-        connection_id=ev.connection_id, at=at, level=level, message=_pg(message),
-        exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback), broker_host=_pg(ev.broker_host),
-        retry_attempt=ev.retry_attempt))
-    if row is None:
-        out.connection_lines.append((level, f"[connection {ev.connection_id}] {message} "
-                                            f"(an older status, not applied)"))
-        return
-    out.connection_lines.append((level, f"[site {row['site_id']} connection {ev.connection_id}] {message}"))
-    out.feed.append(feed.status_body(
-        {**row, "site": sites.get(("site", row["site_id"]))}, message, timestamp=at.isoformat(),
-        retry_attempt=ev.retry_attempt,
-        next_retry_at=_at(ev.next_retry_at).isoformat() if ev.next_retry_at is not None else None,
-        gave_up=ev.gave_up))
+class _Statuses:
+    """A batch's status changes, applied in as few statements as their order allows.
+
+    ``add`` records each at its place in the batch (its connection-log row,
+    its log line and feed body to come); ``apply`` runs them: wave k holds
+    each connection's k-th status of the batch, one statement per status
+    kind in a wave, so a thousand children starting together cost a few
+    statements, not a thousand, and one connection's statuses still apply in
+    their order. Whatever reads a row's status (a flow change) applies the
+    statuses before it first.
+    """
+
+    def __init__(self, out: Outcome, connection_logs: list[dict], sites: Sites):
+        self.out, self.connection_logs, self.sites = out, connection_logs, sites
+        # (envelope, event, its place in out.connection_lines, its place in out.feed)
+        self.waiting: list[tuple[Envelope, StatusChange, int, int]] = []
+
+    def add(self, env: Envelope, ev: StatusChange) -> None:
+        at = _at(env.ts)
+        message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
+        # The log keeps every event; the row and the feed only the newest state.
+        self.connection_logs.append(dict(
+            connection_id=ev.connection_id, at=at, level=status_level(ev), message=_pg(message),
+            exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback), broker_host=_pg(ev.broker_host),
+            retry_attempt=ev.retry_attempt))
+        self.out.connection_lines.append(_PLACE)
+        self.out.feed.append(_PLACE)
+        self.waiting.append((env, ev, len(self.out.connection_lines) - 1, len(self.out.feed) - 1))
+
+    def apply(self, s: db.Session) -> None:
+        waves: list[dict[str, list[tuple[Envelope, StatusChange]]]] = []
+        nth: dict[int, int] = {}
+        for env, ev, _, _ in self.waiting:
+            k = nth.get(ev.connection_id, 0)
+            nth[ev.connection_id] = k + 1
+            if k == len(waves):
+                waves.append({})
+            waves[k].setdefault(ev.status, []).append((env, ev))
+        rows: dict[int, dict | None] = {}  # id(envelope) -> the row it updated
+        for wave in waves:
+            for kind, items in wave.items():
+                updated = {r["id"]: r for r in s.rows(f"status_{kind}", _status_arrays(items))}
+                for env, ev in items:
+                    rows[id(env)] = updated.get(ev.connection_id)
+        for env, ev, line_at, feed_at in self.waiting:
+            self._settled(env, ev, rows[id(env)], line_at, feed_at)
+        self.waiting = []
+
+    def _settled(self, env: Envelope, ev: StatusChange, row: dict | None, line_at: int, feed_at: int) -> None:
+        at = _at(env.ts)
+        level = status_level(ev)
+        message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
+        out = self.out
+        if row is None:  # the connection was deleted, or a newer status is already in
+            out.connection_lines[line_at] = (level, f"[connection {ev.connection_id}] {message} "
+                                                    f"(an older status, not applied)")
+            out.feed[feed_at] = None
+            return
+        out.connection_lines[line_at] = (level, f"[site {row['site_id']} connection {ev.connection_id}] {message}")
+        out.feed[feed_at] = feed.status_body(
+            {**row, "site": self.sites.get(("site", row["site_id"]))}, message, timestamp=at.isoformat(),
+            retry_attempt=ev.retry_attempt,
+            next_retry_at=_at(ev.next_retry_at).isoformat() if ev.next_retry_at is not None else None,
+            gave_up=ev.gave_up)
+
+
+#: Where a status's log line and feed body go once it is applied (_Statuses).
+_PLACE: typing.Any = object()
+
+
+def _status_arrays(items: list[tuple[Envelope, StatusChange]]) -> dict[str, list]:
+    """The parameters of a status_* query for ``items`` (one per connection)."""
+    return {
+        "ids": [ev.connection_id for _, ev in items],
+        "ats": [_at(env.ts) for env, _ in items],
+        "epochs": [ev.epoch for _, ev in items],
+        # Applied only above the row's order (epoch, seq), never by comparing
+        # the senders' clocks: ``at`` is only what people are shown.
+        "seqs": [env.seq + (protocol.FINAL_RANK if ev.final else 0) for env, ev in items],
+        "messages": [_pg(ev.message) for _, ev in items],
+        "retry_attempts": [ev.retry_attempt for _, ev in items],
+        "retry_ins": [ev.next_retry_at - env.ts if ev.next_retry_at is not None else None for env, ev in items],
+    }
 
 
 def _write_flow(s: db.Session, env: Envelope, ev: Flow, out: Outcome, connection_logs: list[dict],

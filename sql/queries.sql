@@ -171,45 +171,59 @@ RETURNING s.id, g.site_id, s.name, extract(epoch FROM s.last_seen_at)::float8 AS
 -- status feed needs, read in the same transaction. A status applies only if
 -- it ranks above the row's: (claim epoch, sequence number), an order that
 -- PostgreSQL's claims assign, never the senders' clocks (status_changed_at
--- is the time shown to people).
+-- is the time shown to people). Each takes the statuses of one kind for
+-- many connections at once, at most one per connection (the logger sends a
+-- burst's statuses in waves: each connection's first, then its second...),
+-- as arrays in the same order: one statement where a thousand children
+-- starting together cost a thousand.
 
 -- name: status_connecting
-UPDATE mqtt_connection
-SET status = 'connecting', status_changed_at = %(at)s, paused_since = NULL,
-    status_epoch = %(epoch)s, status_seq = %(seq)s
-WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
-          ARRAY[status_epoch, status_seq] AS status_order;
+UPDATE mqtt_connection c
+SET status = 'connecting', status_changed_at = v.at, paused_since = NULL,
+    status_epoch = v.epoch, status_seq = v.seq
+FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[])
+     AS v(id, at, epoch, seq)
+WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
+RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
+          ARRAY[c.status_epoch, c.status_seq] AS status_order;
 
 -- name: status_connected
-UPDATE mqtt_connection
-SET status = 'connected', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
-    last_connected_at = %(at)s, error_message = '', paused_since = NULL,
+UPDATE mqtt_connection c
+SET status = 'connected', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
+    last_connected_at = v.at, error_message = '', paused_since = NULL,
     mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
-WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
-          ARRAY[status_epoch, status_seq] AS status_order;
+FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[])
+     AS v(id, at, epoch, seq)
+WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
+RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
+          ARRAY[c.status_epoch, c.status_seq] AS status_order;
 
 -- name: status_error
-UPDATE mqtt_connection
-SET status = 'error', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
-    error_message = %(message)s, paused_since = NULL,
-    connection_errors = connection_errors + 1,
-    mqtt_retry_count = coalesce(%(retry_attempt)s, mqtt_retry_count),
+UPDATE mqtt_connection c
+SET status = 'error', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
+    error_message = v.message, paused_since = NULL,
+    connection_errors = c.connection_errors + 1,
+    mqtt_retry_count = coalesce(v.retry_attempt, c.mqtt_retry_count),
     -- The sender's delay, counted from now by PostgreSQL's clock: the monitor
     -- that next starts it may run on another host, with another clock.
-    mqtt_next_retry = now() + make_interval(secs => %(retry_in)s::float8)
-WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
-          ARRAY[status_epoch, status_seq] AS status_order;
+    mqtt_next_retry = now() + make_interval(secs => v.retry_in)
+FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[],
+            %(messages)s::text[], %(retry_attempts)s::integer[], %(retry_ins)s::float8[])
+     AS v(id, at, epoch, seq, message, retry_attempt, retry_in)
+WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
+RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
+          ARRAY[c.status_epoch, c.status_seq] AS status_order;
 
 -- name: status_disconnected
-UPDATE mqtt_connection
-SET status = 'disconnected', status_changed_at = %(at)s, status_epoch = %(epoch)s, status_seq = %(seq)s,
-    error_message = %(message)s, paused_since = NULL
-WHERE id = %(connection_id)s AND (status_epoch, status_seq) < (%(epoch)s, %(seq)s)
-RETURNING id, site_id, is_active, status, paused_since, last_connected_at, connection_errors,
-          ARRAY[status_epoch, status_seq] AS status_order;
+UPDATE mqtt_connection c
+SET status = 'disconnected', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
+    error_message = v.message, paused_since = NULL
+FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[],
+            %(messages)s::text[])
+     AS v(id, at, epoch, seq, message)
+WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
+RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
+          ARRAY[c.status_epoch, c.status_seq] AS status_order;
 
 -- A child paused by backpressure (or flowing again). A status change clears
 -- it too: a child that reconnects starts unpaused.

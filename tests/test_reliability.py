@@ -338,10 +338,13 @@ def test_the_logger_status_queries_fill_the_history(psql, database_url):
     seqs = iter(range(10, 100, 10))
 
     def status(name: str, at: datetime, seq: int | None = None, **extra) -> dict | None:
-        # As the logger calls them: applied in the order (epoch, seq) PostgreSQL keeps.
+        # As the logger calls them (arrays, one status per connection): applied in
+        # the order (epoch, seq) PostgreSQL keeps.
+        one = {"message": "", "retry_attempt": None, "retry_in": None, **extra}
         with database.transaction() as s:
-            return s.one(f"status_{name}", {"connection_id": cid, "at": at, "message": "", "retry_attempt": None,
-                                            "retry_in": None, "epoch": 1, "seq": seq or next(seqs), **extra})
+            return s.one(f"status_{name}", {"ids": [cid], "ats": [at], "epochs": [1], "seqs": [seq or next(seqs)],
+                                            "messages": [one["message"]], "retry_attempts": [one["retry_attempt"]],
+                                            "retry_ins": [one["retry_in"]]})
 
     try:
         status("connecting", t[0])

@@ -11,7 +11,7 @@ import psycopg
 
 from services.logger import DeviceCache, LoggerService, Stream, write_batch
 from shared import db
-from shared.protocol import Data, Envelope
+from shared.protocol import Data, Envelope, Flow, StatusChange
 
 BASE_TS = 1795860000  # 2026-11-28T10:00:00Z
 
@@ -124,3 +124,51 @@ def test_a_stale_device_id_costs_a_retry_not_the_readings(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM reading").fetchone()[0] == 2
         assert conn.execute("SELECT count(*) FROM mqtt_parsing_log").fetchone()[0] == 0
+
+
+def _status(cid: int, seq: int, status: str, **fields) -> Envelope:
+    return Envelope(sender=f"conn:{cid}", incarnation="st", seq=seq, floor=0, ts=BASE_TS + seq,
+                    event=StatusChange(connection_id=cid, status=status, message=fields.pop("message", status),
+                                       epoch=1, **fields))
+
+
+def test_a_burst_of_statuses_applies_each_connection_s_in_order_and_skips_the_older(database_url):
+    """The statuses of a batch are written a wave at a time (each connection's
+    first, then its second...): the rows, the history, the log and the feed are
+    those of applying them one by one, in the batch's order."""
+    a, b, c = (_site(database_url, name) for name in ("st-a", "st-b", "st-c"))
+    batch = [
+        _status(a, 1, "connecting"), _status(b, 1, "connecting"),
+        _status(a, 2, "connected"),
+        Envelope(sender=f"conn:{a}", incarnation="st", seq=3, floor=0, ts=BASE_TS + 3,
+                 event=Flow(connection_id=a, paused=True, unacked=5, epoch=1)),  # reads a's status: connected
+        _status(c, 4, "connecting"), _status(a, 5, "error", message="connection lost", retry_attempt=2,
+                                             next_retry_at=BASE_TS + 5 + 30.0),
+        _status(b, 6, "disconnected", message="disconnected: cleanly, as asked"),
+        _status(c, 2, "connected"),  # older than c's connecting (seq 4): not applied
+    ]
+    database = db.Database(database_url, "test-write-batch")
+    try:
+        with database.transaction() as s:
+            out = write_batch(s, batch)
+    finally:
+        database.close()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            "SELECT id, status, status_seq, error_message, mqtt_retry_count, mqtt_next_retry > now() "
+            "FROM mqtt_connection")}
+        history = conn.execute("SELECT connection_id, status FROM mqtt_status_history ORDER BY id").fetchall()
+        logged = conn.execute("SELECT connection_id, message FROM mqtt_connection_log ORDER BY id").fetchall()
+    assert rows[a] == ("error", 5, "connection lost", 2, True)
+    assert rows[b][:2] == ("disconnected", 6)
+    assert rows[c][:2] == ("connecting", 4)
+    # (each connection's history starts with the row of its creation)
+    assert [h for h in history if h[0] == a][1:] == [(a, "connecting"), (a, "connected"), (a, "error")]
+    assert [h for h in history if h[0] == c][1:] == [(c, "connecting")]
+    assert [m for cid, m in logged if cid == a][:2] == ["connecting", "connected"]
+    assert len(logged) == 8  # every status is logged, the one not applied too, and the flow change
+    statuses = [(body["connection_id"], body["status"]) for body in out.feed if body["type"] == "mqtt_status"]
+    assert statuses == [(a, "connecting"), (b, "connecting"), (a, "connected"), (a, "connected"),
+                        (c, "connecting"), (a, "error"), (b, "disconnected")]
+    assert [body.get("paused") for body in out.feed if body["connection_id"] == a][1:3] == [False, True]
+    assert any("(an older status, not applied)" in line for _, line in out.connection_lines)
