@@ -351,10 +351,9 @@ class _Statuses:
 
     ``add`` records each at its place in the batch (its connection-log row,
     its log line and feed body to come); ``apply`` runs them: wave k holds
-    each connection's k-th status of the batch, one statement per status
-    kind in a wave, so a thousand children starting together cost a few
-    statements, not a thousand, and one connection's statuses still apply in
-    their order. Whatever reads a row's status (a flow change) applies the
+    each connection's k-th status of the batch, one statement a wave, so a
+    thousand children starting together cost a statement or two, not a
+    thousand, and one connection's statuses still apply in their order. Whatever reads a row's status (a flow change) applies the
     statuses before it first.
     """
 
@@ -376,20 +375,19 @@ class _Statuses:
         self.waiting.append((env, ev, len(self.out.connection_lines) - 1, len(self.out.feed) - 1))
 
     def apply(self, s: db.Session) -> None:
-        waves: list[dict[str, list[tuple[Envelope, StatusChange]]]] = []
+        waves: list[list[tuple[Envelope, StatusChange]]] = []
         nth: dict[int, int] = {}
         for env, ev, _, _ in self.waiting:
             k = nth.get(ev.connection_id, 0)
             nth[ev.connection_id] = k + 1
             if k == len(waves):
-                waves.append({})
-            waves[k].setdefault(ev.status, []).append((env, ev))
+                waves.append([])
+            waves[k].append((env, ev))
         rows: dict[int, dict | None] = {}  # id(envelope) -> the row it updated
         for wave in waves:
-            for kind, items in wave.items():
-                updated = {r["id"]: r for r in s.rows(f"status_{kind}", _status_arrays(items))}
-                for env, ev in items:
-                    rows[id(env)] = updated.get(ev.connection_id)
+            updated = {r["id"]: r for r in s.rows("status_set", _status_arrays(wave))}
+            for env, ev in wave:
+                rows[id(env)] = updated.get(ev.connection_id)
         for env, ev, line_at, feed_at in self.waiting:
             self._settled(env, ev, rows[id(env)], line_at, feed_at)
         self.waiting = []
@@ -417,9 +415,10 @@ _PLACE: typing.Any = object()
 
 
 def _status_arrays(items: list[tuple[Envelope, StatusChange]]) -> dict[str, list]:
-    """The parameters of a status_* query for ``items`` (one per connection)."""
+    """The parameters of ``status_set`` for ``items`` (one per connection)."""
     return {
         "ids": [ev.connection_id for _, ev in items],
+        "statuses": [ev.status for _, ev in items],
         "ats": [_at(env.ts) for env, _ in items],
         "epochs": [ev.epoch for _, ev in items],
         # Applied only above the row's order (epoch, seq), never by comparing

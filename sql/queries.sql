@@ -167,60 +167,42 @@ WHERE g.id = s.gateway_id AND s.is_online
 RETURNING s.id, g.site_id, s.name, extract(epoch FROM s.last_seen_at)::float8 AS last_seen;
 
 -- ------------------------------------------------------------------- logger
--- Status bookkeeping, with the seed's semantics. Each returns what the
--- status feed needs, read in the same transaction. A status applies only if
--- it ranks above the row's: (claim epoch, sequence number), an order that
+-- Status bookkeeping, with the seed's semantics. It returns what the status
+-- feed needs, read in the same transaction. A status applies only if it
+-- ranks above the row's: (claim epoch, sequence number), an order that
 -- PostgreSQL's claims assign, never the senders' clocks (status_changed_at
--- is the time shown to people). Each takes the statuses of one kind for
--- many connections at once, at most one per connection (the logger sends a
--- burst's statuses in waves: each connection's first, then its second...),
--- as arrays in the same order: one statement where a thousand children
--- starting together cost a thousand.
+-- is the time shown to people). It takes the statuses of many connections
+-- at once, at most one per connection (the logger sends a burst's statuses
+-- in waves: each connection's first, then its second...), as arrays in the
+-- same order: one statement where a thousand children starting together
+-- cost a thousand. What each status sets besides itself:
+--   connecting:   nothing more
+--   connected:    last_connected_at; clears the error, the retry state, the error count
+--   error:        its message, one more error, the sender's retry attempt and delay
+--   disconnected: its message
+-- and each ends a pause. (A column set to its own value changes nothing; none
+-- of these is one the configuration triggers watch.)
 
--- name: status_connecting
+-- name: status_set
 UPDATE mqtt_connection c
-SET status = 'connecting', status_changed_at = v.at, paused_since = NULL,
-    status_epoch = v.epoch, status_seq = v.seq
-FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[])
-     AS v(id, at, epoch, seq)
-WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
-RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
-          ARRAY[c.status_epoch, c.status_seq] AS status_order;
-
--- name: status_connected
-UPDATE mqtt_connection c
-SET status = 'connected', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
-    last_connected_at = v.at, error_message = '', paused_since = NULL,
-    mqtt_retry_count = 0, mqtt_next_retry = NULL, connection_errors = 0
-FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[])
-     AS v(id, at, epoch, seq)
-WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
-RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
-          ARRAY[c.status_epoch, c.status_seq] AS status_order;
-
--- name: status_error
-UPDATE mqtt_connection c
-SET status = 'error', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
-    error_message = v.message, paused_since = NULL,
-    connection_errors = c.connection_errors + 1,
-    mqtt_retry_count = coalesce(v.retry_attempt, c.mqtt_retry_count),
+SET status = v.status, status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
+    paused_since = NULL,
+    last_connected_at = CASE WHEN v.status = 'connected' THEN v.at ELSE c.last_connected_at END,
+    error_message = CASE v.status WHEN 'connected' THEN '' WHEN 'connecting' THEN c.error_message
+                                  ELSE v.message END,
+    connection_errors = CASE v.status WHEN 'connected' THEN 0 WHEN 'error' THEN c.connection_errors + 1
+                                      ELSE c.connection_errors END,
+    mqtt_retry_count = CASE v.status WHEN 'connected' THEN 0
+                                     WHEN 'error' THEN coalesce(v.retry_attempt, c.mqtt_retry_count)
+                                     ELSE c.mqtt_retry_count END,
     -- The sender's delay, counted from now by PostgreSQL's clock: the monitor
     -- that next starts it may run on another host, with another clock.
-    mqtt_next_retry = now() + make_interval(secs => v.retry_in)
-FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[],
-            %(messages)s::text[], %(retry_attempts)s::integer[], %(retry_ins)s::float8[])
-     AS v(id, at, epoch, seq, message, retry_attempt, retry_in)
-WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
-RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
-          ARRAY[c.status_epoch, c.status_seq] AS status_order;
-
--- name: status_disconnected
-UPDATE mqtt_connection c
-SET status = 'disconnected', status_changed_at = v.at, status_epoch = v.epoch, status_seq = v.seq,
-    error_message = v.message, paused_since = NULL
-FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[], %(epochs)s::bigint[], %(seqs)s::bigint[],
-            %(messages)s::text[])
-     AS v(id, at, epoch, seq, message)
+    mqtt_next_retry = CASE v.status WHEN 'connected' THEN NULL
+                                    WHEN 'error' THEN now() + make_interval(secs => v.retry_in)
+                                    ELSE c.mqtt_next_retry END
+FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(ats)s::timestamptz[], %(epochs)s::bigint[],
+            %(seqs)s::bigint[], %(messages)s::text[], %(retry_attempts)s::integer[], %(retry_ins)s::float8[])
+     AS v(id, status, at, epoch, seq, message, retry_attempt, retry_in)
 WHERE c.id = v.id AND (c.status_epoch, c.status_seq) < (v.epoch, v.seq)
 RETURNING c.id, c.site_id, c.is_active, c.status, c.paused_since, c.last_connected_at, c.connection_errors,
           ARRAY[c.status_epoch, c.status_seq] AS status_order;

@@ -342,9 +342,9 @@ def test_the_logger_status_queries_fill_the_history(psql, database_url):
         # the order (epoch, seq) PostgreSQL keeps.
         one = {"message": "", "retry_attempt": None, "retry_in": None, **extra}
         with database.transaction() as s:
-            return s.one(f"status_{name}", {"ids": [cid], "ats": [at], "epochs": [1], "seqs": [seq or next(seqs)],
-                                            "messages": [one["message"]], "retry_attempts": [one["retry_attempt"]],
-                                            "retry_ins": [one["retry_in"]]})
+            return s.one("status_set", {"ids": [cid], "statuses": [name], "ats": [at], "epochs": [1],
+                                        "seqs": [seq or next(seqs)], "messages": [one["message"]],
+                                        "retry_attempts": [one["retry_attempt"]], "retry_ins": [one["retry_in"]]})
 
     try:
         status("connecting", t[0])

@@ -172,3 +172,21 @@ def test_a_burst_of_statuses_applies_each_connection_s_in_order_and_skips_the_ol
                         (c, "connecting"), (a, "error"), (b, "disconnected")]
     assert [body.get("paused") for body in out.feed if body["connection_id"] == a][1:3] == [False, True]
     assert any("(an older status, not applied)" in line for _, line in out.connection_lines)
+
+    # What each status sets besides itself: connecting keeps the error and the
+    # retry state, connected clears them.
+    def row() -> tuple:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            return conn.execute("SELECT status, error_message, connection_errors, mqtt_retry_count, "
+                                "mqtt_next_retry IS NOT NULL, last_connected_at IS NOT NULL "
+                                "FROM mqtt_connection WHERE id = %s", (a,)).fetchone()
+    database = db.Database(database_url, "test-write-batch")
+    try:
+        with database.transaction() as s:
+            write_batch(s, [_status(a, 7, "connecting")])
+        assert row() == ("connecting", "connection lost", 1, 2, True, True)
+        with database.transaction() as s:
+            write_batch(s, [_status(a, 8, "connected")])
+        assert row() == ("connected", "", 0, 0, False, True)
+    finally:
+        database.close()
