@@ -353,8 +353,9 @@ class _Statuses:
     its log line and feed body to come); ``apply`` runs them: wave k holds
     each connection's k-th status of the batch, one statement a wave, so a
     thousand children starting together cost a statement or two, not a
-    thousand, and one connection's statuses still apply in their order. Whatever reads a row's status (a flow change) applies the
-    statuses before it first.
+    thousand, and one connection's statuses still apply in their order.
+    Whatever reads a row's status (a flow change) applies the statuses
+    before it first.
     """
 
     def __init__(self, out: Outcome, connection_logs: list[dict], sites: Sites):

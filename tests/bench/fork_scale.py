@@ -4,10 +4,11 @@ Not a pytest benchmark: ``.venv/bin/python tests/bench/fork_scale.py 2000``.
 A parent that has imported what a sitelink child imports (and touched some
 heap, as a preloaded zygote has) forks N children one after the other;
 each child touches about 1.5 MiB and sleeps until the parent exits. Prints
-the fork's median and p90 per 250 children. On the VM of 2026-12-02 the
-fork costs 0.8-0.9 ms up to 1500-1750 children, then 1.3-1.5 ms (p90
-13-15 ms): the machine's own step, which the 2000-site start meets earlier,
-its children being three times larger (tests/bench/RESULTS.md).
+the fork's median and p90 per 250 children. On the Xeon VM of 2026-12-02 the
+fork cost 0.8-0.9 ms up to 1500-1750 children, then 1.3-1.5 ms (p90
+13-15 ms). The benches now measure the floor in the same run with
+tests/bench/reference_forks.py (children the size of sitelink's, connected);
+this loop stays for looking at the fork alone.
 """
 
 from __future__ import annotations
