@@ -6,8 +6,9 @@ running, one UPDATE makes all K active (issue 11's "200 new active rows"),
 and the benchmark polls PostgreSQL until all K are ``connected`` (the status
 the logger commits once each child's broker acknowledged its subscription).
 The children are then found as the monitor's descendants that hold a TCP
-connection to the broker, whatever way the monitor starts them (a fresh ``python -m services.connection`` per child, or forks of a
-preloaded zygote), and their private memory (USS = Private_Clean +
+connection to the broker, whatever way the monitor starts them (a fresh
+``python -m services.connection`` per child, or forks of a preloaded
+zygote), and their private memory (USS = Private_Clean +
 Private_Dirty of /proc/PID/smaps_rollup) is read. Then, connected and
 receiving nothing, the children are watched for SITELINK_BENCH_IDLE_SECONDS
 (default 10): their CPU and their wake-ups (context switches of all their
