@@ -5,7 +5,7 @@
     python -m services.admin status      table of sites and their connections (make status)
     python -m services.admin watch       print the status feed live (make watch)
     python -m services.admin psql        psql on the database in use, no secret in its argv (make psql)
-    python -m services.admin dburl       print the database URL in use
+    python -m services.admin dburl       print the database URL in use (without its password)
     python -m services.admin settings    list every SITELINK_* setting and its default
     python -m services.admin replay      parse quarantined payloads again, store what now parses
 """
@@ -176,6 +176,28 @@ def _when(text: str) -> datetime:
     return when if when.tzinfo is not None else when.astimezone()
 
 
+def show_dburl(settings: config.Settings, with_password: bool) -> int:
+    """Print the database URL in use; a password in it is left out unless asked
+    for (it would stay on the screen, in the scrollback and in a pasted ticket)."""
+    url = settings.database_url
+    if with_password:
+        print(url)
+        return 0
+    try:
+        params = conninfo.conninfo_to_dict(url)
+    except ProgrammingError:  # not its message: that quotes the URL, password and all
+        print("sitelink: SITELINK_DATABASE_URL is not a PostgreSQL connection URL", file=sys.stderr)
+        return 2
+    secrets = [key for key in ("password", "sslpassword") if key in params]
+    if not secrets:
+        print(url)
+        return 0
+    print(conninfo.make_conninfo(**{k: v for k, v in params.items() if k not in secrets}))
+    print(f"sitelink: the {' and '.join(secrets)} in SITELINK_DATABASE_URL left out; "
+          f"`dburl --with-password` prints the URL as it is", file=sys.stderr)
+    return 0
+
+
 def show_settings() -> int:
     for name, default, doc in config.documentation():
         print(f"{name:<36} {default:<28} {doc}")
@@ -197,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--topic", default="", help="topic prefix, e.g. mqtt_status.site.3.")
     p = sub.add_parser("psql", help="psql on the database in use (no secret in its argv)")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="more arguments for psql")
-    sub.add_parser("dburl", help="print the database URL")
+    u = sub.add_parser("dburl", help="print the database URL (a password in it left out)")
+    u.add_argument("--with-password", action="store_true", help="print it as it is, password and all")
     sub.add_parser("settings", help="list every setting")
     r = sub.add_parser("replay", help="parse quarantined payloads again with their connection's current "
                                       "parser; store what now parses, once",
@@ -232,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             return replay.replay(settings, replay.Filters(args.site, args.since, args.until,
                                                           tuple(args.error_types)), args.dry_run)
         if args.command == "dburl":
-            print(settings.database_url)
-            return 0
+            return show_dburl(settings, args.with_password)
         return show_settings()
     except db.DatabaseError as exc:
         print(f"sitelink: {exc}", file=sys.stderr)

@@ -131,6 +131,28 @@ def test_admin_psql_moves_a_password_in_the_url_out_of_psqls_argv(pg_server, tmp
     assert "host=127.0.0.1" in argv_line and password not in argv_line, argv_line
 
 
+
+def test_admin_dburl_leaves_a_password_in_the_url_out_unless_asked(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SITELINK_", "PG"))},
+           "SITELINK_HOME": str(tmp_path)}
+
+    def dburl(url: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.admin", "dburl", *args], cwd=ROOT,
+                              env={**env, "SITELINK_DATABASE_URL": url}, text=True, capture_output=True, timeout=30)
+    secret = "s3cret-pw"
+    for url in (f"postgresql://gw:{secret}@db.example.net:5433/sitelink",
+                f"postgresql://gw@db.example.net:5433/sitelink?password={secret}",
+                f"host=db.example.net port=5433 dbname=sitelink user=gw password={secret}"):
+        shown = dburl(url)
+        assert shown.returncode == 0, shown.stderr
+        assert secret not in shown.stdout + shown.stderr, url
+        assert "db.example.net" in shown.stdout and "5433" in shown.stdout and "password" in shown.stderr
+        assert dburl(url, "--with-password").stdout.strip() == url
+    plain = "postgresql://gw@db.example.net:5433/sitelink?passfile=/srv/pgpass"
+    assert dburl(plain).stdout.strip() == plain
+    broken = dburl(f"postgresql://gw:{secret}@db.example.net:5433/x?bogus=1")  # psycopg quotes it in its error
+    assert broken.returncode == 2 and secret not in broken.stdout + broken.stderr
+
 # --- Mosquitto ---------------------------------------------------------------------------
 
 def connack(port: int, username: str | None = None, password: str | None = None) -> str:
