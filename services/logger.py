@@ -295,7 +295,6 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
                 "name": ev.name, "last_seen_at": _at(ev.last_seen) if ev.last_seen is not None else None},
                 ev.online), "timestamp": at.isoformat()})
     statuses.apply(s)
-    out.feed = [body for body in out.feed if body is not None]  # statuses not applied have none
     if connection_logs:
         s.many("connection_log_insert", connection_logs)
     if parse_logs:
@@ -360,25 +359,26 @@ class _Statuses:
 
     def __init__(self, out: Outcome, connection_logs: list[dict], sites: Sites):
         self.out, self.connection_logs, self.sites = out, connection_logs, sites
-        # (envelope, event, its place in out.connection_lines, its place in out.feed)
-        self.waiting: list[tuple[Envelope, StatusChange, int, int]] = []
+        # (envelope, event, its message as logged, its places in out.connection_lines and out.feed)
+        self.waiting: list[tuple[Envelope, StatusChange, str, int, int]] = []
 
     def add(self, env: Envelope, ev: StatusChange) -> None:
-        at = _at(env.ts)
         message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
         # The log keeps every event; the row and the feed only the newest state.
         self.connection_logs.append(dict(
-            connection_id=ev.connection_id, at=at, level=status_level(ev), message=_pg(message),
+            connection_id=ev.connection_id, at=_at(env.ts), level=status_level(ev), message=_pg(message),
             exception_type=_pg(ev.exception_type), traceback=_pg(ev.traceback), broker_host=_pg(ev.broker_host),
             retry_attempt=ev.retry_attempt))
         self.out.connection_lines.append(_PLACE)
         self.out.feed.append(_PLACE)
-        self.waiting.append((env, ev, len(self.out.connection_lines) - 1, len(self.out.feed) - 1))
+        self.waiting.append((env, ev, message, len(self.out.connection_lines) - 1, len(self.out.feed) - 1))
 
     def apply(self, s: db.Session) -> None:
+        if not self.waiting:
+            return
         waves: list[list[tuple[Envelope, StatusChange]]] = []
         nth: dict[int, int] = {}
-        for env, ev, _, _ in self.waiting:
+        for env, ev, *_ in self.waiting:
             k = nth.get(ev.connection_id, 0)
             nth[ev.connection_id] = k + 1
             if k == len(waves):
@@ -389,23 +389,22 @@ class _Statuses:
             updated = {r["id"]: r for r in s.rows("status_set", _status_arrays(wave))}
             for env, ev in wave:
                 rows[id(env)] = updated.get(ev.connection_id)
-        for env, ev, line_at, feed_at in self.waiting:
-            self._settled(env, ev, rows[id(env)], line_at, feed_at)
+        for env, ev, message, line_at, feed_at in self.waiting:
+            self._settled(env, ev, message, rows[id(env)], line_at, feed_at)
         self.waiting = []
+        # A status not applied has no feed body; every place taken is filled now.
+        self.out.feed[:] = [body for body in self.out.feed if body is not _PLACE]
 
-    def _settled(self, env: Envelope, ev: StatusChange, row: dict | None, line_at: int, feed_at: int) -> None:
-        at = _at(env.ts)
-        level = status_level(ev)
-        message = _disconnect_message(ev.message) if ev.status == "disconnected" else ev.message
-        out = self.out
+    def _settled(self, env: Envelope, ev: StatusChange, message: str, row: dict | None, line_at: int,
+                 feed_at: int) -> None:
+        out, level = self.out, status_level(ev)
         if row is None:  # the connection was deleted, or a newer status is already in
             out.connection_lines[line_at] = (level, f"[connection {ev.connection_id}] {message} "
                                                     f"(an older status, not applied)")
-            out.feed[feed_at] = None
-            return
+            return  # its place in the feed stays _PLACE: dropped
         out.connection_lines[line_at] = (level, f"[site {row['site_id']} connection {ev.connection_id}] {message}")
         out.feed[feed_at] = feed.status_body(
-            {**row, "site": self.sites.get(("site", row["site_id"]))}, message, timestamp=at.isoformat(),
+            {**row, "site": self.sites.get(("site", row["site_id"]))}, message, timestamp=_at(env.ts).isoformat(),
             retry_attempt=ev.retry_attempt,
             next_retry_at=_at(ev.next_retry_at).isoformat() if ev.next_retry_at is not None else None,
             gave_up=ev.gave_up)

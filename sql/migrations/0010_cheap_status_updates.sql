@@ -18,9 +18,9 @@
 --    and topic filters nobody had changed. The five rules that call a
 --    function (a regular expression, a loop over the filters) are now checked
 --    by one trigger, for an INSERT and for an UPDATE that names a column of
---    the configuration, and refuse a row as their CHECK did: SQLSTATE 23514, the same
---    constraint name and message (without the DETAIL quoting the whole row,
---    password included). The cheap rules stay CHECK constraints. A row
+--    the configuration, and refuse a row as their CHECK did: SQLSTATE 23514,
+--    the same constraint name and message (without the DETAIL quoting the
+--    whole row, password included). The cheap rules stay CHECK constraints. A row
 --    exempt since migration 0004 stays exempt until its configuration
 --    changes (mqtt_connection_checks_exemption_update runs first: triggers
 --    run in the order of their names).
@@ -72,7 +72,6 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-
 
 -- 4. Half of each page left free: a status update or a claim renewal (a
 --    quarter of the claims every cycle) writes the row's new version on its
