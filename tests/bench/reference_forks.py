@@ -8,7 +8,8 @@ collector (one ZeroMQ PULL socket), then N children one after the other, as
 fast as it can. Each child opens a ZeroMQ context and one PUSH socket to the collector,
 connects a paho client to the broker, subscribes to one topic and, once the
 broker has acknowledged the subscription, sends one msgpack message; then it
-sleeps in paho's loop. No settings, no database, no status rows, no logs, no
+sleeps in paho's loop (woken by traffic or every 20 s, not paho's default
+every second). No settings, no database, no status rows, no logs, no
 connect-rate cap.
 
 Prints one JSON line once all N have reported (or --timeout passed): the
@@ -55,7 +56,13 @@ def child(port: int, endpoint: str, n: int) -> None:
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.connect("127.0.0.1", port, keepalive=60)
-    client.loop_forever()
+    # paho's default loop wakes every second (select's timeout of 1 s): 2000
+    # such children are a core's worth of wake-ups on a VM, which made the
+    # floor itself slow past 1000 children. Woken only by traffic, like
+    # sitelink's child, whose timers are computed. paho sends its ping from
+    # the loop: waking every 20 s, it is sent at most 80 s after the last
+    # traffic, inside the broker's 1.5 x keepalive (90 s).
+    client.loop_forever(timeout=20.0)
 
 
 def collector(n: int, timeout: float, out: int) -> None:
