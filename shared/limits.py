@@ -42,6 +42,14 @@ INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
 
 
+#: Names found good lately. A device's names come again with each of its
+#: readings, and a set lookup costs less than the checks: only names that
+#: passed them are kept, and never more than GOOD_NAMES_KEPT (then all are
+#: forgotten at once), so what a sender sends cannot grow it.
+GOOD_NAMES_KEPT = 4096
+_good_names: set[str] = set()
+
+
 def name_problem(value: object) -> str | None:
     """Why ``value`` cannot be a device or metric name, or None if it can.
 
@@ -49,6 +57,17 @@ def name_problem(value: object) -> str | None:
     separator characters, no lone surrogates, so one name never forges a log
     line nor fails to encode), not blank, at most MAX_NAME_CHARS long.
     """
+    if type(value) is str and value in _good_names:  # exactly str: a subclass cannot fake its hash
+        return None
+    problem = _name_problem(value)
+    if problem is None and type(value) is str:
+        if len(_good_names) >= GOOD_NAMES_KEPT:
+            _good_names.clear()
+        _good_names.add(value)
+    return problem
+
+
+def _name_problem(value: object) -> str | None:
     if not isinstance(value, str):
         return "expected a string"
     if not value.strip():

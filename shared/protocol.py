@@ -524,54 +524,80 @@ def _envelope(doc: object, now: float) -> Envelope | Invalid:
     if doc.get("v") != VERSION:
         return Invalid(f"an item has protocol version {str(doc.get('v'))[:20]!r}")
     sender, incarnation, seq, floor = doc.get("s"), doc.get("i"), doc.get("n"), doc.get("f")
-    if not isinstance(sender, str) or (match := _SENDER.fullmatch(sender)) is None:
+    own = _sender_connection(sender)
+    if own is _NOBODY:
         return Invalid("sender is not conn:<id> or monitor:<name>")
     if not isinstance(incarnation, str) or not _INCARNATION.fullmatch(incarnation):
         return Invalid("incarnation is not 1-64 characters of [A-Za-z0-9._:-]", sender=sender)
     if type(seq) is not int or not 1 <= seq <= limits.INT64_MAX:
         return Invalid("sequence number is not an integer in 1..2^63-1", sender, incarnation)
-    kind = doc.get("k")
-    where = dict(sender=sender, incarnation=incarnation, seq=seq,
-                 kind=kind if isinstance(kind, str) and len(kind) <= 20 else None)
-    body = doc.get("b")
-    # Whose log a refusal goes to: a child's own connection (it is the suspect),
-    # else the connection the event names.
-    if match.group(1) is not None:
-        where["connection_id"] = int(match.group(1))
-    elif isinstance(body, dict):
-        cid = body.get("connection_id")
-        if type(cid) is int and 1 <= cid <= limits.INT64_MAX:
-            where["connection_id"] = cid
+    kind, body, ts = doc.get("k"), doc.get("b"), doc.get("t")
+    cls = EVENT_KINDS.get(kind) if type(kind) is str else None
+    problem = None
     if type(floor) is not int or not 0 <= floor < seq:
-        return Invalid(f"floor is not an integer in 0..seq-1 (seq {seq})", **where)
-    ts = doc.get("t")
-    if type(ts) not in (int, float) or not limits.plausible_time(float(ts), now):
-        return Invalid("timestamp is not a plausible time (2000-01-01 to now + 1 day)", **where)
-    cls = EVENT_KINDS.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        return Invalid(f"unknown event kind {str(kind)[:20]!r}", **where)
-    if not isinstance(body, dict):
-        return Invalid(f"{kind}: body is not a map", **where)
-    own = match.group(1)
-    if own is not None:
+        problem = f"floor is not an integer in 0..seq-1 (seq {seq})"
+    elif type(ts) not in (int, float) or not limits.plausible_time(float(ts), now):
+        problem = "timestamp is not a plausible time (2000-01-01 to now + 1 day)"
+    elif cls is None:
+        problem = f"unknown event kind {str(kind)[:20]!r}"
+    elif not isinstance(body, dict):
+        problem = f"{kind}: body is not a map"
+    elif own is not None:
         if kind not in CHILD_KINDS:
-            return Invalid(f"a connection may not send {kind} events", **where)
-        if body.get("connection_id") != int(own):
-            return Invalid(f"{sender} may only report about connection {own}", **where)
+            problem = f"a connection may not send {kind} events"
+        elif body.get("connection_id") != own:
+            problem = f"{sender} may only report about connection {own}"
     elif kind not in MONITOR_KINDS:
-        return Invalid(f"a monitor does not send {kind} events", **where)
-    if kind == "status" and body.get("final") is True:
+        problem = f"a monitor does not send {kind} events"
+    if problem is None and kind == "status" and body.get("final") is True:
         # A final status ranks above every status of its epoch: only a monitor
         # says the last word, and its rank (seq + FINAL_RANK) must fit a bigint.
         if own is not None:
-            return Invalid("only a monitor sends a final status", **where)
-        if seq >= FINAL_RANK:
-            return Invalid(f"a final status's sequence number must be below {FINAL_RANK}", **where)
-    try:
-        event = _build(cls, body)
-    except ProtocolError as exc:
-        return Invalid(str(exc)[:MAX_REASON_CHARS], **where)
-    return Envelope(sender=sender, incarnation=incarnation, seq=seq, floor=floor, ts=float(ts), event=event)
+            problem = "only a monitor sends a final status"
+        elif seq >= FINAL_RANK:
+            problem = f"a final status's sequence number must be below {FINAL_RANK}"
+    if problem is None:
+        try:
+            return Envelope(sender=sender, incarnation=incarnation, seq=seq, floor=floor, ts=float(ts),
+                            event=_build(cls, body))
+        except ProtocolError as exc:
+            problem = str(exc)[:MAX_REASON_CHARS]
+    # Whose log a refusal goes to: a child's own connection (it is the suspect),
+    # else the connection the event names.
+    connection_id = own
+    if connection_id is None and isinstance(body, dict):
+        cid = body.get("connection_id")
+        if type(cid) is int and 1 <= cid <= limits.INT64_MAX:
+            connection_id = cid
+    return Invalid(problem, sender=sender, incarnation=incarnation, seq=seq,
+                   kind=kind if isinstance(kind, str) and len(kind) <= 20 else None, connection_id=connection_id)
+
+
+#: ``_sender_connection``'s answer for a string that names no sender.
+_NOBODY = -1
+#: Senders seen lately (a sender's name comes with each of its events): the
+#: connection each speaks for, None for a monitor. Only valid names are kept,
+#: at most SENDERS_KEPT (then forgotten at once).
+SENDERS_KEPT = 4096
+_senders: dict[str, int | None] = {}
+
+
+def _sender_connection(sender: object) -> int | None:
+    """The connection id a ``conn:<id>`` sender speaks for, None for a
+    ``monitor:<name>``, ``_NOBODY`` for anything else."""
+    if type(sender) is not str:
+        return _NOBODY
+    own = _senders.get(sender, _NOBODY)
+    if own is not _NOBODY:
+        return own
+    match = _SENDER.fullmatch(sender)
+    if match is None:
+        return _NOBODY
+    own = None if match.group(1) is None else int(match.group(1))
+    if len(_senders) >= SENDERS_KEPT:
+        _senders.clear()
+    _senders[sender] = own
+    return own
 
 
 def _typed(doc: dict, key: str, types_: type | tuple[type, ...]) -> Any:
@@ -648,14 +674,17 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
+_ABSENT = object()
+
+
 def _build(cls: type, body: dict) -> Any:
     kwargs = {}
-    for name, is_type, check, required, is_float in _schema(cls):
-        if name not in body:
+    for name, is_type, check, required, is_float in _SCHEMAS.get(cls) or _schema(cls):
+        value = body.get(name, _ABSENT)
+        if value is _ABSENT:
             if required:
                 raise ProtocolError(f"{cls.KIND}: missing field {name!r}")
             continue
-        value = body[name]
         if not is_type(value):
             raise ProtocolError(f"{cls.KIND}: field {name!r} has the wrong type ({type(value).__name__})")
         if is_float and type(value) is int:

@@ -141,6 +141,60 @@ def test_garbage_and_mutated_frames_raise_nothing_but_protocol_error():
                 assert protocol.problem(item.event) is None
 
 
+def _good_twin(raw: dict) -> dict:
+    """An envelope the logger takes, from ``raw``'s sender, with the names a
+    hostile case spoils in their good form (the caches of good names and
+    senders warm for exactly what the case varies)."""
+    if not raw["s"].startswith("conn:"):  # a monitor: it sends no data
+        return doc("connlog", None, s=raw["s"], i="12.ab", n=3, f=0, t=NOW)
+    cid = int(raw["s"].split(":")[1])
+    good = {"connection_id": cid, "topic": "t", "gateway": "GW", "ts": NOW, "datalogger": "DL",
+            "sensors": {"S": {"t": 1.0}}}
+    return doc("data", good, cid=cid, s=raw["s"], i="12.ab", n=3, f=0, t=NOW)
+
+
+@pytest.mark.parametrize("case", hostile.envelopes(1, 2), ids=lambda c: c[0])
+def test_what_was_seen_good_lately_never_lets_a_bad_envelope_through(case):
+    """The decoder remembers good names and senders (they repeat with every
+    reading); a bad envelope is refused alike however warm that memory is."""
+    name, raw, _ = case
+    limits._good_names.clear()
+    protocol._senders.clear()
+    [cold] = protocol.decode_events(pack(raw))
+    [twin] = protocol.decode_events(pack(_good_twin(raw)))
+    assert isinstance(twin, Envelope), twin
+    [warm] = protocol.decode_events(pack(raw))
+    assert isinstance(cold, Invalid) and warm == cold, name
+
+
+def test_the_memory_of_good_names_and_senders_is_bounded_and_holds_only_good_ones():
+    bad_names = ["", " ", "G" * (limits.MAX_NAME_CHARS + 1), "a\nb", "t\u2028", "\x1b[31m", "\ud800"]
+    for n in range(3 * limits.GOOD_NAMES_KEPT):
+        assert limits.name_problem(f"sensor-{n}") is None
+        assert len(limits._good_names) <= limits.GOOD_NAMES_KEPT
+    for bad in bad_names + [5, None, ["S"], {"S": 1}, b"S"]:
+        assert limits.name_problem(bad) is not None, bad
+        assert limits.name_problem(bad) is not None, bad  # asked twice: still refused
+    assert not {b for b in bad_names} & limits._good_names
+
+    class Forged(str):  # posing as a good name's hash and equal: not a plain str, so checked in full
+        def __hash__(self):
+            return hash("GW")
+
+        def __eq__(self, other):
+            return other == "GW"
+    assert limits.name_problem("GW") is None
+    assert limits.name_problem(Forged("GW\n")) is not None
+
+    for n in range(1, 3 * protocol.SENDERS_KEPT):
+        [item] = protocol.decode_events(pack(doc(cid=n)))
+        assert isinstance(item, Envelope)
+        assert len(protocol._senders) <= protocol.SENDERS_KEPT
+    for sender in ("conn:0", "conn:x", "conn:1\n", "root", 5):
+        [item] = protocol.decode_events(pack(doc(s=sender)))
+        assert isinstance(item, Invalid) and sender not in protocol._senders
+
+
 def test_a_lone_surrogate_never_makes_a_sender_fail():
     event = ConnectionLog(connection_id=1, level="INFO", message="bad name \ud800 here")
     frame = protocol.pack_envelope(envelope(event))
