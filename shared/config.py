@@ -229,7 +229,10 @@ class Settings:
                                    "Seconds without an ack after which events are sent again.")
     ack_linger: float = _setting("ACK_LINGER", 3.0, _non_negative_float,
                                  "Seconds a stopping process waits for its last acks.")
-    max_unacked: int = _setting("MAX_UNACKED", 1000, _positive_int,
+    # Twice the logger's largest batch (BATCH_MAX): one batch being written while
+    # the next fills. At 1000 a busy site's child paused every batch and fell
+    # behind its publisher (tests/bench/RESULTS.md, "Ingest throughput").
+    max_unacked: int = _setting("MAX_UNACKED", 4000, _positive_int,
                                 "Events a child holds that the logger has not committed; at the limit "
                                 "it stops reading from its broker.")
     broker_acks: str = _setting("BROKER_ACKS", "after-commit", _broker_acks,
