@@ -15,7 +15,8 @@ receiving nothing, the children are watched for SITELINK_BENCH_IDLE_SECONDS
 threads). The CPU each process spent until all were connected is read too:
 the children's own (schedstat, to the ns), the zygote's and the monitor's.
 The floor under it is measured in the same run, just before:
-``tests/bench/reference_forks.py``, bare forks that connect and say so.
+``tests/bench/reference_forks.py``, bare forks that connect and say so (the
+faster of two runs in a row, harness.FLOOR_RUNS).
 
 Where the services have a cap on connection attempts per second
 (SITELINK_CONNECT_RATE), the same is measured a second time with the cap
@@ -319,7 +320,9 @@ monitor holding a broker connection), started as {mode}; their parent is
 {timing}{rate_note}
 
 The column "bare forks" is `tests/bench/reference_forks.py`, run just before, on
-the same broker: a parent that imported paho, pyzmq and msgpack forks {K}
+the same broker, the faster of {len(floor['all_connected_runs'])} runs in a row (all connected after
+{", ".join(fmt(x, 2) for x in floor['all_connected_runs'])} s; the first to touch that much
+of a VM's memory can pay for it on the host too): a parent that imported paho, pyzmq and msgpack forks {K}
 children as fast as it can; each opens a ZeroMQ socket, connects, subscribes and
 says so; no settings, database, status or log. It is the floor issue 11 measured
 at {ISSUE_FLOOR:g} s on its machine; its targets are shown as that multiple of the
