@@ -559,7 +559,7 @@ def _envelope(doc: object, now: float) -> Envelope | Invalid:
     if problem is None:
         try:
             return Envelope(sender=sender, incarnation=incarnation, seq=seq, floor=floor, ts=float(ts),
-                            event=_build(cls, body))
+                            event=_build_data(body) if cls is Data else _build(cls, body))
         except ProtocolError as exc:
             problem = str(exc)[:MAX_REASON_CHARS]
     # Whose log a refusal goes to: a child's own connection (it is the suspect),
@@ -702,6 +702,25 @@ def _build(cls: type, body: dict) -> Any:
     if problem:
         raise ProtocolError(f"{cls.KIND}: {problem}")
     return event
+
+
+def _build_data(body: dict) -> Data:
+    """``_build(Data, body)``, faster for the body every child sends (all six
+    fields, each valid): one per reading. It accepts exactly what ``_build``
+    accepts and leaves everything else to it, refusals and their reasons
+    included: each test below is one of the schema's, and a body that fails
+    any of them, or lacks a field, goes the general way."""
+    if len(body) == 6:
+        cid, topic, gateway = body.get("connection_id"), body.get("topic"), body.get("gateway")
+        ts, datalogger, sensors = body.get("ts"), body.get("datalogger", _ABSENT), body.get("sensors")
+        if (type(cid) is int and 1 <= cid <= limits.INT64_MAX
+                and type(topic) is str and len(topic) <= limits.MAX_MQTT_STRING_BYTES
+                and type(gateway) is str and limits.name_problem(gateway) is None
+                and (type(ts) is float or type(ts) is int) and limits.plausible_time(float(ts))
+                and (datalogger is None or type(datalogger) is str and limits.name_problem(datalogger) is None)
+                and type(sensors) is dict and _sensors(sensors) is None):
+            return Data(cid, topic, gateway, float(ts), datalogger, sensors)
+    return _build(Data, body)
 
 
 def _inconsistency(event: Any) -> str | None:

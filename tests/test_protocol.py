@@ -167,6 +167,46 @@ def test_what_was_seen_good_lately_never_lets_a_bad_envelope_through(case):
     assert isinstance(cold, Invalid) and warm == cold, name
 
 
+def _data_bodies() -> list[tuple[str, dict]]:
+    """Data bodies with all six fields (the decoder's fast path for readings
+    takes only those), each field spoilt in turn, beside good ones."""
+    good = {"connection_id": 1, "topic": "t", "gateway": "GW", "ts": NOW, "datalogger": "DL",
+            "sensors": {"S": {"t": 1.0}}}
+    spoilt = {name: {**raw["b"], "datalogger": raw["b"].get("datalogger", "DL")}
+              for name, raw, _ in hostile.envelopes(1, 2) if raw["k"] == "data"}
+    cases = [("good", good), ("no datalogger (None)", {**good, "datalogger": None}),
+             ("ts an integer", {**good, "ts": int(NOW)}), ("longest topic", {**good, "topic": "t" * 65535}),
+             *spoilt.items()]
+    for field, bad in [("connection_id", 0), ("connection_id", True), ("connection_id", 2**63),
+                       ("connection_id", 1.0), ("topic", b"t"), ("topic", "t" * 65536), ("topic", None),
+                       ("gateway", None), ("gateway", "G\u2028"), ("ts", True), ("ts", math.nan), ("ts", None),
+                       ("ts", "1"), ("datalogger", ""), ("datalogger", 5), ("datalogger", "D\x00"),
+                       ("sensors", None), ("sensors", {}), ("sensors", {"S": {"t": True}}),
+                       ("sensors", {"": {"t": 1.0}})]:
+        cases.append((f"{field} {bad!r:.20}", {**good, field: bad}))
+    cases.append(("an unknown field instead of datalogger",
+                  {k: v for k, v in good.items() if k != "datalogger"} | {"extra": "DL"}))
+    cases.append(("an unknown seventh field", {**good, "extra": 1}))
+    return cases
+
+
+@pytest.mark.parametrize("case", _data_bodies(), ids=lambda c: c[0])
+def test_the_fast_path_for_readings_decides_as_the_schema_does(case):
+    """One reading decoded the fast way is the reading (or the refusal, with
+    its reason) the schema's general check gives."""
+    _, body = case
+
+    def outcome(build):
+        try:
+            return build(body)
+        except ProtocolError as exc:
+            return f"refused: {exc}"
+    fast = outcome(protocol._build_data)
+    assert fast == outcome(lambda b: protocol._build(Data, b))
+    if case[0] == "good":
+        assert isinstance(fast, Data)
+
+
 def test_the_memory_of_good_names_and_senders_is_bounded_and_holds_only_good_ones():
     bad_names = ["", " ", "G" * (limits.MAX_NAME_CHARS + 1), "a\nb", "t\u2028", "\x1b[31m", "\ud800"]
     for n in range(3 * limits.GOOD_NAMES_KEPT):
