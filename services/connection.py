@@ -72,6 +72,13 @@ TICK = 300.0
 TIMER_SLACK = 0.005
 #: Most MQTT packets read in one go before the loop polls again.
 READ_BURST = 500
+#: A burst of at least PACE_FROM packets means a stream: the broker's socket
+#: is then read again READ_PACE s later, not at its next packet, so that what
+#: arrives meanwhile is read, parsed and sent to the logger as one burst (one
+#: wake-up, one frame for the logger) instead of a few packets at a time. A
+#: sparse site (bursts of one or two) is read at once, as before.
+READ_PACE = 0.002
+PACE_FROM = 8
 #: How long an MQTT 5 broker keeps our session while we are away.
 SESSION_EXPIRY = 7 * 24 * 3600
 #: What a PUBLISH may hold besides its payload: the topic (at most 65535
@@ -458,6 +465,7 @@ class ConnectionChild:
         self.next_attempt_at = 0.0  # monotonic
         self.connack_deadline: float | None = None
         self.last_traffic = time.monotonic()  # last message received, or connection made
+        self.read_not_before = 0.0  # monotonic; a stream is read no sooner (READ_PACE)
         self.drop_reason: str | None = None  # why we are closing a live connection ourselves
         self.connected_at = 0.0
         #: (last event seq, mid, qos) of received messages not yet acknowledged to the broker
@@ -868,9 +876,12 @@ class ConnectionChild:
         sock = self.client.socket()
         paused = self.paused
         buffered = sock is not None and not paused and self.client.buffered
+        pacing = sock is not None and self.read_not_before - now > 0.0005
         if buffered:
             timeout = 0.0  # packets already read wait for paho: no sleeping
-        self._watch(sock, (0 if paused or sock is None else zmq.POLLIN)
+        elif pacing:
+            timeout = min(timeout, self.read_not_before - now)
+        self._watch(sock, (0 if paused or pacing or sock is None else zmq.POLLIN)
                     | (zmq.POLLOUT if sock is not None and self.client.want_write() else 0))
         ready = dict(self.poller.poll(timeout * 1000))
         if sock is not None:
@@ -934,6 +945,8 @@ class ConnectionChild:
                 continue
             pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
             if not (pending is not None and pending()) and not ready.poll(0):
+                if READ_BURST - budget >= PACE_FROM:
+                    self.read_not_before = time.monotonic() + READ_PACE
                 return
 
     def _timers_due_in(self, now: float) -> float:
