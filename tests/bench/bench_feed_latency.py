@@ -8,7 +8,14 @@ message with the wall-clock time of its receipt. The second site's
 
 - first SITELINK_BENCH_FLIPS_IDLE times (default 50) with no other traffic,
 - then SITELINK_BENCH_FLIPS times (default 30) while a publisher (the ingest
-  benchmark's, as fast as it can) loads the first site.
+  benchmark's) loads the first site at SITELINK_BENCH_FEED_RATE msg/s
+  (default 25,000): sitelink stores 30,000-34,000 rows/s on the 2-core
+  machine of RESULTS.md, so the pipeline is busy but keeps pace, which is
+  the full ingest load the target speaks of;
+- then SITELINK_BENCH_FLIPS times more with the publisher as fast as it can:
+  about twice what the pipeline stores, the rest queued by the broker, which
+  then takes most of a core. Shown beside, not held to the target: it
+  measures a machine drowning in a backlog.
 
 Per ``connected``/``disconnected`` message of the flipped connection:
 receipt time minus the body's ``timestamp`` (the child's event time, set
@@ -31,13 +38,16 @@ import zmq
 
 from tests.bench import results
 from tests.bench.harness import (WARMUP, CpuMeter, default, broker_connection_holders, descendants,
-                                 env_int, fmt, go, measure_quietly, median, percentile, publishers,
+                                 env_float, env_int, fmt, go, measure_quietly, median, percentile, publishers,
                                  service_defaults, wait_until_quiet)
 from tests.stack import Stack
 from tests.support import alive, wait_for
 
 FLIPS = env_int("SITELINK_BENCH_FLIPS", 30)
 FLIPS_IDLE = env_int("SITELINK_BENCH_FLIPS_IDLE", 50)
+FEED_RATE = env_float("SITELINK_BENCH_FEED_RATE", 25000.0)
+#: The loaded phases: name, the publisher's rate (0: as fast as it can).
+LOADS = (("load", FEED_RATE), ("overload", 0.0))
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(120 + 8 * (FLIPS + FLIPS_IDLE))]
 
@@ -114,6 +124,18 @@ def _flips(n: int, stack: Stack, broker, feed: FeedRecorder, cid: int, load_pid:
     return {"events": feed.latencies(cid, since, until), "activations": activations, "seconds": until - since}
 
 
+def _drained(stack: Stack, timeout: float = 120.0) -> None:
+    """Wait until the readings stop growing (a second without a new one)."""
+    last = [-1, time.monotonic()]
+
+    def still() -> bool:
+        count, now = stack.sql.value("SELECT count(*) FROM reading"), time.monotonic()
+        if count != last[0]:
+            last[:] = [count, now]
+        return now - last[1] >= 1.0
+    wait_for(still, timeout, "the broker's backlog stored")
+
+
 def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     stack = Stack(bench_db, broker, tmp_path)
@@ -140,18 +162,22 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
         print(f"\n[feed] idle: p50 {fmt(median(figures['idle']['events']) * 1000)} ms", flush=True)
 
         spec = [(broker.port, "sites/load/GW-01/DL-07", "GW-01")]
-        with publishers(spec, 3600, tmp_path) as pubs:
-            meters["load"] = CpuMeter({"publisher": lambda: [p.pid for p in pubs], **groups})
-            busy["load"] = wait_until_quiet()
-            go(pubs)
-            time.sleep(WARMUP)
-            rows_before = stack.sql.value("SELECT count(*) FROM reading")
-            meters["load"].start()
-            figures["load"] = _flips(FLIPS, stack, broker, feed, flip_cid, load_pid)
-            meters["load"].stop()
-            rows_after = stack.sql.value("SELECT count(*) FROM reading")
-        figures["load"]["rows_per_s"] = (rows_after - rows_before) / figures["load"]["seconds"]
-        print(f"[feed] under load: p50 {fmt(median(figures['load']['events']) * 1000)} ms", flush=True)
+        for phase, rate in LOADS:
+            with publishers(spec, 3600, tmp_path, rate=rate) as pubs:
+                meters[phase] = CpuMeter({"publisher": lambda: [p.pid for p in pubs], **groups})
+                busy[phase] = wait_until_quiet()
+                go(pubs)
+                time.sleep(WARMUP)
+                rows_before = stack.sql.value("SELECT count(*) FROM reading")
+                meters[phase].start()
+                figures[phase] = _flips(FLIPS, stack, broker, feed, flip_cid, load_pid)
+                meters[phase].stop()
+                rows_after = stack.sql.value("SELECT count(*) FROM reading")
+            figures[phase]["rows_per_s"] = (rows_after - rows_before) / figures[phase]["seconds"]
+            print(f"[feed] {phase}: p50 {fmt(median(figures[phase]['events']) * 1000)} ms, "
+                  f"p99 {fmt(percentile(figures[phase]['events'], 99) * 1000)} ms", flush=True)
+            # What the broker still holds of this phase is not the next phase's load.
+            _drained(stack)
         figures["load_log"] = stack.sql.rows(
             "SELECT timestamp, level, message FROM mqtt_connection_log WHERE connection_id = %s "
             "AND level NOT IN ('DEBUG', 'INFO') ORDER BY id", load_cid)
@@ -182,8 +208,12 @@ def test_status_feed_latency(databases, broker, durable_pg, tmp_path):
         ["conditions", "flips", "status messages", "event -> receipt p50 (ms)", "p99 (ms)", "max (ms)",
          "target p99 <= 50 ms", "UPDATE -> `connected` received, median (ms)", "p99 (ms)", "max (ms)"],
         [row("idle", figures["idle"], len(figures["idle"]["activations"])),
-         row(f"under ingest load ({fmt(figures['load']['rows_per_s'])} rows/s committed meanwhile)",
-             figures["load"], len(figures["load"]["activations"]))])
+         row(f"under ingest load: {fmt(FEED_RATE)} msg/s offered, "
+             f"{fmt(figures['load']['rows_per_s'])} rows/s committed meanwhile",
+             figures["load"], len(figures["load"]["activations"])),
+         row(f"beyond capacity (not the target's condition): the publisher as fast as it can, "
+             f"{fmt(figures['overload']['rows_per_s'])} rows/s committed meanwhile",
+             figures["overload"], len(figures["overload"]["activations"]))])
     disturbed = (f"\n**Disturbed ({figures['disturbed']})**; the figures are less reliable.\n"
                  if figures["disturbed"] else "")
     trouble = ""
@@ -202,16 +232,21 @@ that connection, latency = receipt time - the body's `timestamp` (the child's
 own event time). Each "off" waits for the old child to exit, so each "on"
 starts a new child; the services' defaults, with SITELINK_MONITOR_INTERVAL=30,
 so activations come from NOTIFY. Under load, the first site receives, for the whole phase, one
-publisher as in "Ingest throughput" (QoS 1, as fast as it can).
+publisher as in "Ingest throughput" (QoS 1) at SITELINK_BENCH_FEED_RATE ({fmt(FEED_RATE)} msg/s):
+the pipeline busy and keeping pace (it stores more than that here: "Ingest throughput"). Beyond
+capacity, the same publisher as fast as it can: it offers about twice what the pipeline stores, the
+broker queues the rest and takes most of a core doing so, and every process waits for a core; that
+row shows what the feed's latency becomes then, not held to the target.
 
 {table}
 
 {rank_note}The event -> receipt time covers: child -> logger (ZeroMQ), the logger's batch
 wait (SITELINK_BATCH_WAIT, {default('SITELINK_BATCH_WAIT')} s by default) and commit, then the PUB/SUB hop.
 Machine load just before each phase (cores busy over 1 s): idle {busy['idle']:.2f},
-under load {busy['load']:.2f} (before the publisher started). CPU during the flips
-(% of one core): idle: {figures['cpu']['idle']}; under load: {figures['cpu']['load']}.
+under load {busy['load']:.2f}, beyond capacity {busy['overload']:.2f} (before the publisher started).
+CPU during the flips (% of one core): idle: {figures['cpu']['idle']}; under load: {figures['cpu']['load']};
+beyond capacity: {figures['cpu']['overload']}.
 {disturbed}{trouble}"""
     results.update_section("Status feed latency", body)
     print("\n" + body, flush=True)
-    assert figures["idle"]["events"] and figures["load"]["events"]
+    assert figures["idle"]["events"] and figures["load"]["events"] and figures["overload"]["events"]

@@ -487,24 +487,27 @@ class LineProcess:
 
 
 def publisher(port: int, topic: str, seconds: float, log: Path, *, gateway: str = "GW-01",
-              ts_base: float | None = None) -> LineProcess:
-    """A publisher process (tests/bench/publisher.py); it prints ``ready`` and waits for ``go``."""
+              ts_base: float | None = None, rate: float | None = None) -> LineProcess:
+    """A publisher process (tests/bench/publisher.py); it prints ``ready`` and waits for ``go``.
+    ``rate``: msg/s at most (default PUBLISH_RATE; 0: as fast as it can)."""
     args = [sys.executable, str(BENCH_DIR / "publisher.py"), "--port", str(port), "--topic", topic,
             "--seconds", str(seconds), "--window", str(WINDOW), "--gateway", gateway]
-    if PUBLISH_RATE > 0:
-        args += ["--rate", str(PUBLISH_RATE)]
+    rate = PUBLISH_RATE if rate is None else rate
+    if rate > 0:
+        args += ["--rate", str(rate)]
     if ts_base is not None:
         args += ["--ts-base", repr(ts_base)]
     return LineProcess(args, log, stdin=True)
 
 
 @contextmanager
-def publishers(specs: list[tuple[int, str, str]], seconds: float, tmp: Path):
+def publishers(specs: list[tuple[int, str, str]], seconds: float, tmp: Path, rate: float | None = None):
     """Start one publisher per (port, topic, gateway), wait until each is connected."""
     procs: list[LineProcess] = []
     try:
         for i, (port, topic, gateway) in enumerate(specs):
-            procs.append(publisher(port, topic, seconds, tmp / f"publisher-{i}.err", gateway=gateway))
+            procs.append(publisher(port, topic, seconds, tmp / f"publisher-{i}-{time.monotonic_ns()}.err",
+                                   gateway=gateway, rate=rate))
         for p in procs:
             p.expect("ready", 30)
         yield procs
