@@ -13,15 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from services.connection import ReadAheadClient
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+from tests.bench.publisher import remaining_length as _length
 
 
 def publish(topic: bytes, payload: bytes, qos: int = 1, mid: int = 1, retain: bool = False,

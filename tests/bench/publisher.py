@@ -34,7 +34,8 @@ import time
 KEEPALIVE = 60  # s; a PINGREQ goes out every KEEPALIVE / 2 s
 
 
-def _remaining_length(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length integer (the fixed header's remaining length)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -50,7 +51,7 @@ def _string(s: bytes) -> bytes:
 def connect_packet(client_id: str) -> bytes:
     variable = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", KEEPALIVE)  # 3.1.1, clean session
     body = variable + _string(client_id.encode())
-    return b"\x10" + _remaining_length(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 class Acks:
@@ -173,7 +174,7 @@ def main() -> int:
             length = fixed + len(ts)
             header = headers.get(length)
             if header is None:
-                header = headers[length] = b"\x32" + _remaining_length(length)
+                header = headers[length] = b"\x32" + remaining_length(length)
             out += header
             out += topic
             out += pack_id(published % 65535 + 1)
