@@ -876,6 +876,7 @@ class ConnectionChild:
         sock = self.client.socket()
         paused = self.paused
         buffered = sock is not None and not paused and self.client.buffered
+        # Under half of poll's millisecond left: read now rather than wake for it.
         pacing = sock is not None and self.read_not_before - now > 0.0005
         if buffered:
             timeout = 0.0  # packets already read wait for paho: no sleeping

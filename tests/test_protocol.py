@@ -190,6 +190,13 @@ def _data_bodies() -> list[tuple[str, dict]]:
     return cases
 
 
+def test_the_fast_path_for_readings_knows_every_field_of_data():
+    """The fast path lists Data's fields itself: a field added, renamed or
+    reordered, or a consistency rule added, must be added there too."""
+    assert protocol._field_names(Data) == ("connection_id", "topic", "gateway", "ts", "datalogger", "sensors")
+    assert not hasattr(Data, "inconsistency")
+
+
 @pytest.mark.parametrize("case", _data_bodies(), ids=lambda c: c[0])
 def test_the_fast_path_for_readings_decides_as_the_schema_does(case):
     """One reading decoded the fast way is the reading (or the refusal, with
