@@ -8,14 +8,18 @@ message with the wall-clock time of its receipt. The second site's
 
 - first SITELINK_BENCH_FLIPS_IDLE times (default 50) with no other traffic,
 - then SITELINK_BENCH_FLIPS times (default 30) while a publisher (the ingest
-  benchmark's) loads the first site at SITELINK_BENCH_FEED_RATE msg/s
-  (default 25,000): sitelink stores 30,000-34,000 rows/s on the 2-core
-  machine of RESULTS.md, so the pipeline is busy but keeps pace, which is
-  the full ingest load the target speaks of;
-- then SITELINK_BENCH_FLIPS times more with the publisher as fast as it can:
-  about twice what the pipeline stores, the rest queued by the broker, which
-  then takes most of a core. Shown beside, not held to the target: it
-  measures a machine drowning in a backlog.
+  benchmark's) loads the first site as fast as it can: about twice what the
+  pipeline stores, the rest queued by the broker, which then takes most of
+  a core. Shown, not held to the target: it measures a machine drowning in
+  a backlog, where any latency grows with the backlog. It also measures
+  what the pipeline stores at most on this machine, in this run;
+- then SITELINK_BENCH_FLIPS times more with the publisher paced at
+  SITELINK_BENCH_FEED_LOAD (default 0.8) of that rate, or at
+  SITELINK_BENCH_FEED_RATE msg/s if set: the pipeline busy but keeping pace,
+  the full ingest load the target speaks of. A fixed rate cannot say that
+  on every machine: 25,000 msg/s was 75-95 % of what the pipeline stored on
+  the AMD machines of RESULTS.md and 170 % on a slower Xeon. Whether the
+  phase kept pace (committed at least 95 % of what was offered) is reported.
 
 Per ``connected``/``disconnected`` message of the flipped connection:
 receipt time minus the body's ``timestamp`` (the child's event time, set
@@ -45,9 +49,12 @@ from tests.support import alive, wait_for
 
 FLIPS = env_int("SITELINK_BENCH_FLIPS", 30)
 FLIPS_IDLE = env_int("SITELINK_BENCH_FLIPS_IDLE", 50)
-FEED_RATE = env_float("SITELINK_BENCH_FEED_RATE", 25000.0)
-#: The loaded phases: name, the publisher's rate (0: as fast as it can).
-LOADS = (("load", FEED_RATE), ("overload", 0.0))
+#: The loaded phase's rate: this share of what the pipeline stored beyond capacity...
+FEED_LOAD = env_float("SITELINK_BENCH_FEED_LOAD", 0.8)
+#: ... unless a rate is given (msg/s; 0: measured).
+FEED_RATE = env_float("SITELINK_BENCH_FEED_RATE", 0.0)
+#: Committed / offered at or above which the loaded phase kept pace.
+KEPT_PACE = 0.95
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(120 + 8 * (FLIPS + FLIPS_IDLE))]
 
@@ -162,7 +169,8 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
         print(f"\n[feed] idle: p50 {fmt(median(figures['idle']['events']) * 1000)} ms", flush=True)
 
         spec = [(broker.port, "sites/load/GW-01/DL-07", "GW-01")]
-        for phase, rate in LOADS:
+        for phase in ("overload", "load"):
+            rate = 0.0 if phase == "overload" else FEED_RATE or FEED_LOAD * figures["overload"]["rows_per_s"]
             with publishers(spec, 3600, tmp_path, rate=rate) as pubs:
                 meters[phase] = CpuMeter({"publisher": lambda: [p.pid for p in pubs], **groups})
                 busy[phase] = wait_until_quiet()
@@ -174,6 +182,7 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
                 meters[phase].stop()
                 rows_after = stack.sql.value("SELECT count(*) FROM reading")
             figures[phase]["rows_per_s"] = (rows_after - rows_before) / figures[phase]["seconds"]
+            figures[phase]["offered"] = rate
             print(f"[feed] {phase}: p50 {fmt(median(figures[phase]['events']) * 1000)} ms, "
                   f"p99 {fmt(percentile(figures[phase]['events'], 99) * 1000)} ms", flush=True)
             # What the broker still holds of this phase is not the next phase's load.
@@ -195,7 +204,10 @@ def test_status_feed_latency(databases, broker, durable_pg, tmp_path):
     attempts = iter(range(1, 100))
     figures = measure_quietly("status feed latency", lambda: _measure(
         databases.sitelink(), broker, durable_pg, tmp_path / f"attempt-{next(attempts)}"))
-    busy = figures["busy"]
+    busy, load = figures["busy"], figures["load"]
+    kept_pace = load["rows_per_s"] >= KEPT_PACE * load["offered"]
+    how_loaded = ("SITELINK_BENCH_FEED_RATE" if FEED_RATE else
+                  f"{FEED_LOAD:.0%} of the rate stored beyond capacity, below")
 
     def row(label: str, f: dict, flips: int) -> list[str]:
         ev, act = [x * 1000 for x in f["events"]], [x * 1000 for x in f["activations"]]
@@ -208,9 +220,10 @@ def test_status_feed_latency(databases, broker, durable_pg, tmp_path):
         ["conditions", "flips", "status messages", "event -> receipt p50 (ms)", "p99 (ms)", "max (ms)",
          "target p99 <= 50 ms", "UPDATE -> `connected` received, median (ms)", "p99 (ms)", "max (ms)"],
         [row("idle", figures["idle"], len(figures["idle"]["activations"])),
-         row(f"under ingest load: {fmt(FEED_RATE)} msg/s offered, "
-             f"{fmt(figures['load']['rows_per_s'])} rows/s committed meanwhile",
-             figures["load"], len(figures["load"]["activations"])),
+         row(f"under ingest load: {fmt(load['offered'])} msg/s offered ({how_loaded}), "
+             f"{fmt(load['rows_per_s'])} rows/s committed meanwhile: "
+             + ("kept pace" if kept_pace else "**did not keep pace** (not the target's condition)"),
+             load, len(load["activations"])),
          row(f"beyond capacity (not the target's condition): the publisher as fast as it can, "
              f"{fmt(figures['overload']['rows_per_s'])} rows/s committed meanwhile",
              figures["overload"], len(figures["overload"]["activations"]))])
@@ -231,12 +244,14 @@ flipped `is_active` off and on; for each `connected`/`disconnected` message of
 that connection, latency = receipt time - the body's `timestamp` (the child's
 own event time). Each "off" waits for the old child to exit, so each "on"
 starts a new child; the services' defaults, with SITELINK_MONITOR_INTERVAL=30,
-so activations come from NOTIFY. Under load, the first site receives, for the whole phase, one
-publisher as in "Ingest throughput" (QoS 1) at SITELINK_BENCH_FEED_RATE ({fmt(FEED_RATE)} msg/s):
-the pipeline busy and keeping pace (it stores more than that here: "Ingest throughput"). Beyond
-capacity, the same publisher as fast as it can: it offers about twice what the pipeline stores, the
-broker queues the rest and takes most of a core doing so, and every process waits for a core; that
-row shows what the feed's latency becomes then, not held to the target.
+so activations come from NOTIFY. Beyond capacity (measured first), the first site receives, for
+the whole phase, one publisher as in "Ingest throughput" (QoS 1) as fast as it can: it offers about
+twice what the pipeline stores, the broker queues the rest and takes most of a core doing so, and
+every process waits for a core; that row shows what the feed's latency becomes then, not held to
+the target, and what the pipeline stores at most here. Under load, the same publisher paced at
+{"SITELINK_BENCH_FEED_RATE" if FEED_RATE else f"SITELINK_BENCH_FEED_LOAD ({FEED_LOAD:.0%}) of that rate"}:
+the pipeline busy and keeping pace (committed at least {KEPT_PACE:.0%} of what is offered), the
+target's condition.
 
 {table}
 
