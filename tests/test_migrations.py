@@ -165,10 +165,13 @@ def test_the_stored_configuration_hash_is_the_configuration_s_whoever_writes_it(
             assert stored == computed != before, column
 
 
-#: The rules a trigger checks (a CHECK constraint would cost every status update
-#: and claim renewal its regular expressions): a change that breaks each, on a row
-#: that follows them all.
+#: Rules the trigger checks (as CHECK constraints they cost every status update
+#: and claim renewal): a change that breaks each, on a row that follows them all.
 TRIGGER_RULES = [
+    ({"broker_port": 0}, "mqtt_connection_broker_port_check"),
+    ({"keepalive": 4000}, "mqtt_connection_keepalive_check"),
+    ({"password": "secret"}, "mqtt_connection_password_needs_username"),
+    ({"topics": ["a/b", None]}, "mqtt_connection_topics_check"),
     ({"broker_host": "tcp://broker.example.net"}, "mqtt_connection_broker_host_is_a_host_name_or_ip"),
     ({"client_id": "id\x07"}, "mqtt_connection_client_id_is_mqtt_text"),
     ({"topics": ["a/#/b"]}, "mqtt_connection_topic_filters_valid"),
@@ -194,6 +197,37 @@ def test_an_update_that_breaks_a_rule_is_refused_by_its_name_and_a_status_update
             raise AssertionError(f"{columns} was accepted")
         conn.execute("UPDATE mqtt_connection SET status = 'connected', status_changed_at = now() WHERE id = %s",
                      (cid,))
+
+
+#: The CHECK constraints left on mqtt_connection: the rules on what a status
+#: update or a claim writes. PostgreSQL prepares every CHECK of a table for
+#: each UPDATE statement, whatever it sets; the configuration's rules run in
+#: mqtt_connection_rules, only when the configuration changes (migration 0011).
+STATUS_CHECKS = {"mqtt_connection_status_check", "mqtt_connection_connection_errors_check",
+                 "mqtt_connection_mqtt_retry_count_check", "mqtt_connection_claim_epoch_check"}
+
+
+def test_a_status_update_prepares_no_rule_of_the_configuration(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        checks = {r[0] for r in conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'mqtt_connection'::regclass AND contype = 'c'")}
+    assert checks == STATUS_CHECKS
+
+
+def test_the_rules_hold_for_writes_in_replica_mode(database_url):
+    """A CHECK constraint held for writes that skip ordinary triggers (logical
+    replication, some restores): the rules that replaced them hold there too."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        site = conn.execute("INSERT INTO site (name) VALUES ('x') RETURNING id").fetchone()[0]
+        cid = conn.execute("INSERT INTO mqtt_connection (site_id, broker_host) VALUES (%s, 'h') RETURNING id",
+                           (site,)).fetchone()[0]
+        for columns, constraint in [({"keepalive": 1}, "mqtt_connection_keepalive_check"),
+                                    ({"topics": ["a/#/b"]}, "mqtt_connection_topic_filters_valid")]:
+            sets = ", ".join(f"{c} = %s" for c in columns)
+            with pytest.raises(psycopg.errors.CheckViolation) as refused, conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute(f"UPDATE mqtt_connection SET {sets} WHERE id = %s", [*columns.values(), cid])
+            assert refused.value.diag.constraint_name == constraint
 
 
 def test_an_old_row_that_breaks_a_rule_takes_status_updates_but_no_other_change(pg_server):
