@@ -351,9 +351,16 @@ def comm(pid: int) -> str:
         return ""
 
 
+def named_connection_children(monitor_pid: int) -> list[tuple[int, str]]:
+    """(PID, name) of a monitor's connection children (named sitelink-c<id>),
+    each name read once: a child gone since it was listed reads "" and is left out."""
+    return [(pid, name) for pid, name in ((pid, comm(pid)) for pid in children_of(monitor_pid))
+            if name.startswith("sitelink-c")]
+
+
 def connection_children(monitor_pid: int) -> list[int]:
     """PIDs of a monitor's connection children (named sitelink-c<id>)."""
-    return [pid for pid in children_of(monitor_pid) if comm(pid).startswith("sitelink-c")]
+    return [pid for pid, _ in named_connection_children(monitor_pid)]
 
 
 def monitor_children(stack) -> list[int]:

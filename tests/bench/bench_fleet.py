@@ -53,7 +53,7 @@ from tests.bench import results
 from tests.bench.harness import (BENCH_DIR, LineProcess, describe_broker, describe_pg, env_float, env_int, fmt,
                                  median, percentile, service_defaults, wait_until_quiet)
 from tests.stack import SQL, Stack
-from tests.support import (FeedSubscriber, Mosquitto, client_id_takeovers, comm, connection_children,
+from tests.support import (FeedSubscriber, Mosquitto, client_id_takeovers, named_connection_children,
                            python_service, remove_tree, stop_process, world_traversable_tmpdir)
 
 N = env_int("SITELINK_BENCH_FLEET_SITES", 600)
@@ -88,8 +88,8 @@ class Host:
     def start_monitor(self) -> None:
         self.monitor = python_service("monitor", self.stack.env, self.stack.tmp / "monitor.out", new_session=True)
 
-    def children(self) -> list[int]:
-        return connection_children(self.monitor.pid) if self.monitor is not None else []
+    def named_children(self) -> list[tuple[int, str]]:
+        return named_connection_children(self.monitor.pid) if self.monitor is not None else []
 
     def close(self) -> None:
         if self.monitor is not None and self.monitor.poll() is None:
@@ -113,12 +113,10 @@ class Sampler(threading.Thread):
         while not self.stopping.wait(0.2):
             seen: Counter = Counter()
             for host in self.hosts:
-                for pid in host.children():
-                    # Read once: a child that exited since it was listed reads
-                    # "" and is no site's (SIGKILL and stop phases end hundreds).
-                    name = comm(pid)
-                    if name.startswith("sitelink-c"):
-                        seen[name] += 1
+                # Each name read once (SIGKILL and stop phases end hundreds of
+                # children between a listing and a second read of each name).
+                for _, name in host.named_children():
+                    seen[name] += 1
             self.samples += 1
             if seen:
                 name, n = seen.most_common(1)[0]
