@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import typing
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -83,9 +84,18 @@ MAX_STREAMS = 20_000
 READ_BURST = 10_000
 #: Once a status change is in, the logger still takes what is already queued
 #: for at most this long, so that the statuses of a burst (a thousand children
-#: starting, a broker coming back) share a commit instead of paying one each,
-#: and a status waits no longer than this for the ones behind it.
+#: starting, a broker coming back) share a commit instead of paying one each.
 URGENT_GATHER = 0.005
+#: In a burst (at least URGENT_BURST changes within URGENT_BURST_WINDOW s)
+#: the statuses rarely queue up by themselves: they arrive a few ms apart.
+#: The status lane then also waits up to URGENT_LINGER s for more before it
+#: commits, so a start of hundreds of children pays far fewer commits, each
+#: of which costs the logger and PostgreSQL CPU the starting children need
+#: (tests/bench/RESULTS.md, "Child cost"). A lone change (a connection going
+#: up or down, one at a time) never waits.
+URGENT_LINGER = 0.02
+URGENT_BURST = 16
+URGENT_BURST_WINDOW = 0.1
 #: How often the feed says when each site last sent data.
 DATA_SEEN_EVERY = 5.0
 #: Failures whose payload goes to the quarantine, for replay (a DB_ERROR is ours, not the payload's).
@@ -681,6 +691,18 @@ class DataWriter:
         self.wake.close()
 
 
+class Bursts:
+    """Whether status news comes in a burst: URGENT_BURST changes within URGENT_BURST_WINDOW s."""
+
+    def __init__(self) -> None:
+        self.arrivals: deque[float] = deque(maxlen=URGENT_BURST)
+
+    def arrived(self, now: float) -> bool:
+        """Count one change that arrived at ``now``; True if it is part of a burst."""
+        self.arrivals.append(now)
+        return len(self.arrivals) == URGENT_BURST and now - self.arrivals[0] < URGENT_BURST_WINDOW
+
+
 def _bind_events(context: zmq.Context, settings: config.Settings) -> tuple[zmq.Socket, curve.Gatekeeper | None]:
     """The ROUTER of the events: only sitelink's processes may talk to it."""
     router = context.socket(zmq.ROUTER)
@@ -723,8 +745,12 @@ class LoggerService:
         #: The data lane: readings, logs, parse failures; stored once full or SITELINK_BATCH_WAIT old.
         self.pending: list[Item] = []
         #: The status lane: status and flow changes and refusals, stored in a short
-        #: transaction of their own before any data, as soon as they are read.
+        #: transaction of their own before any data, as soon as they are read
+        #: (in a burst: URGENT_LINGER later at most).
         self.urgent: list[Item] = []
+        #: When the status lane is due: at once, or URGENT_LINGER after its first event in a burst.
+        self.urgent_due = 0.0
+        self.bursts = Bursts()
         self.pending_bytes = 0  # of both lanes
         #: The bytes of the data batch the writer is storing (they count against the bound too).
         self.inflight_bytes = 0
@@ -806,14 +832,15 @@ class LoggerService:
             return min(1.0, feed.HEARTBEAT_EVERY, self.retention.wait())
         if self.db_retry_at > now:
             return self.db_retry_at - now
-        if self.urgent:
+        if self._full() and (self.urgent or not self.writer.busy):
             return 0.0
-        if self.writer.busy:
+        due = self.urgent_due if self.urgent else now + 1.0
+        if self.pending and not self.writer.busy:
+            assert self.batch_started is not None
+            due = min(due, self.batch_started + self.settings.batch_wait)
+        elif self.writer.busy and not self.urgent:
             return 1.0  # the writer's wake ends the wait
-        if self._full():
-            return 0.0
-        assert self.batch_started is not None
-        return max(0.0, self.batch_started + self.settings.batch_wait - now)
+        return max(0.0, due - now)
 
     def _data_ready(self, now: float) -> bool:
         if not self.pending:
@@ -825,7 +852,10 @@ class LoggerService:
         now = time.monotonic()
         if now < self.db_retry_at:
             return False
-        return bool(self.urgent) or (self._data_ready(now) and not self.writer.busy)
+        return self._urgent_ready(now) or (self._data_ready(now) and not self.writer.busy)
+
+    def _urgent_ready(self, now: float) -> bool:
+        return bool(self.urgent) and (now >= self.urgent_due or self._full())
 
     def _receive(self) -> None:
         now = time.monotonic()
@@ -902,6 +932,9 @@ class LoggerService:
         stream.pending.add(seq)
         self.pending_bytes += size
         if isinstance(item, Invalid) or isinstance(item.event, URGENT):
+            burst = self.bursts.arrived(now)
+            if not self.urgent:
+                self.urgent_due = now + URGENT_LINGER if burst else now
             self.urgent.append(item)
             return
         if not self.pending:
@@ -917,7 +950,7 @@ class LoggerService:
         row only takes a newer (epoch, seq); the sender's floor and acks count
         only what is committed, whichever lane committed it.
         """
-        if self.urgent and not self._flush_urgent():
+        if self.urgent and (everything or self._urgent_ready(time.monotonic())) and not self._flush_urgent():
             return
         if self.pending and not self.writer.busy and (everything or self._data_ready(time.monotonic())):
             self._hand_over()

@@ -121,3 +121,32 @@ def test_the_statuses_of_a_burst_share_a_commit(stack):
                  timeout=30, what="every status stored")
     # Rows written by one transaction carry its id (xmin).
     assert stack.sql.value("SELECT count(DISTINCT xmin::text) FROM mqtt_connection WHERE id = ANY(%s)", ids) == 1
+
+
+def test_statuses_arriving_one_by_one_in_a_burst_share_commits(stack):
+    """Hundreds of children starting send their statuses a few ms apart, never
+    queued together: once the logger sees a burst by its rate, it waits
+    briefly for more (URGENT_LINGER) instead of paying a commit for each."""
+    ids = [stack.sql.add_site(f"trickle-{n}", port=stack.broker.port, active=False) for n in range(101)]
+    stack.start("logger")
+
+    def connected(n: int, cid: int) -> bytes:
+        return protocol.encode(Envelope(sender=f"conn:{cid}", incarnation=f"trickle-{n}", seq=1, floor=0,
+                                        ts=time.time(), event=StatusChange(connection_id=cid, status="connected",
+                                                                           message="up")))
+    with logger_client(stack.env["SITELINK_EVENTS_ENDPOINT"]) as sender:
+        # The first one stored: the logger reads as they come, nothing queued for it.
+        sender.send(connected(0, ids[0]))
+        wait_for(lambda: stack.sql.status(ids[0]) == "connected", timeout=30, what="the first status stored")
+        start = time.monotonic()
+        for n, cid in enumerate(ids[1:], 1):
+            while time.monotonic() < start + n * 0.002:  # one every 2 ms on average, as a start brings
+                time.sleep(0.0005)
+            sender.send(connected(n, cid))
+        wait_for(lambda: stack.sql.value("SELECT count(*) FROM mqtt_connection WHERE id = ANY(%s) "
+                                         "AND status = 'connected'", ids) == len(ids),
+                 timeout=30, what="every status stored")
+    # Rows written by one transaction carry its id (xmin). The last 60 arrived
+    # over some 120 ms, well into the burst: a handful of commits, not one each.
+    commits = stack.sql.value("SELECT count(DISTINCT xmin::text) FROM mqtt_connection WHERE id = ANY(%s)", ids[41:])
+    assert commits <= 15

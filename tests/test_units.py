@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from services.logger import payload_sample
+from services.logger import URGENT_BURST, URGENT_BURST_WINDOW, Bursts, payload_sample
 from shared import backoff
 from shared.connections import ConnectionSettings
 
@@ -52,3 +52,18 @@ def test_fingerprint_follows_broker_settings_only():
     assert settings().fingerprint == settings(monitor_pid=5).fingerprint
     assert settings().fingerprint != settings(password="x", username="u").fingerprint
     assert settings().effective_client_id == "sitelink-1"
+
+
+def test_a_lone_status_change_is_due_at_once():
+    """A connection going up or down, or several in a row at a human pace, never waits for company."""
+    bursts = Bursts()
+    assert [bursts.arrived(t) for t in (0.0, 0.002)] == [False, False]  # connecting, connected
+    assert not any(bursts.arrived(1.0 + n * URGENT_BURST_WINDOW / 10) for n in range(100))
+
+
+def test_a_burst_of_status_changes_is_seen_by_its_rate():
+    bursts = Bursts()
+    seen = [bursts.arrived(n * 0.002) for n in range(URGENT_BURST + 5)]
+    assert seen == [False] * (URGENT_BURST - 1) + [True] * 6
+    # Once the burst is over, the next change is lone again.
+    assert not bursts.arrived(10.0)
