@@ -111,7 +111,8 @@ def _measure(bench_db: str, durable_pg, tmp_path: Path, overrides: dict[str, str
             return [proc.pid, *descendants(proc.pid)] if proc is not None else []
         meter = CpuMeter({"monitor + children": monitor_family, "logger": lambda: [stack.pid("logger")],
                           "mosquitto": lambda: [broker.proc.pid] if broker.proc is not None else [],
-                          "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]})
+                          "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)]},
+                         precise=True)  # children run ms each: whole ticks miss them
         figures["busy_before"] = wait_until_quiet()
 
         # 1. The broker goes away.

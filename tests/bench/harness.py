@@ -389,14 +389,19 @@ class CpuMeter:
         return out
 
     def start(self) -> None:
-        self._t0 = time.monotonic()
+        # Reading thousands of processes takes a while (precise: up to a second
+        # for 2000 children): the window runs from the middle of one reading to
+        # the middle of the other.
         self._busy0 = system_busy_seconds()
+        before = time.monotonic()
         self._start = self._sample()
+        self._t0 = (before + time.monotonic()) / 2
 
     def stop(self) -> dict[str, float]:
+        before = time.monotonic()
         end = self._sample()
+        self.seconds = (before + time.monotonic()) / 2 - self._t0
         self.system = system_busy_seconds() - self._busy0
-        self.seconds = time.monotonic() - self._t0
         for name, pids in end.items():
             before = self._start.get(name, {})
             # A process gone by now was reaped by its parent, whose figure now holds
