@@ -1,10 +1,11 @@
 """What one transaction of the logger's status lane costs, part by part, on this machine.
 
-Not a pytest benchmark: ``.venv/bin/python tests/bench/lane_cost.py [flushes]``.
+Not a pytest benchmark: ``.venv/bin/python tests/bench/lane_cost.py [flushes [children]]``.
 A durable PostgreSQL of its own (as the benches use, fsync on) on a free
 loopback port, migrated, with 400 connections; then, for each part of what
-the status lane does for two children that each report `connecting` and
-`connected` in one batch (what a mass start brings), N transactions in a
+the status lane does for some children (default 2) that each report
+`connecting` and `connected` in one batch (what a mass start brings; in a
+burst the lane waits for more, and ten children or more share one), N transactions in a
 row on one connection: the wall time, the CPU of this process's thread
 (psycopg and the logger's own code) and the CPU of the PostgreSQL backend
 serving it (from /proc), each per transaction. The last line is the whole
@@ -34,7 +35,7 @@ from tests.bench.harness import run_seconds  # noqa: E402
 from tests.support import PostgresServer, remove_tree, world_traversable_tmpdir  # noqa: E402
 
 CONNECTIONS = 400
-PER_FLUSH = 2  # children per transaction, two statuses each
+PER_FLUSH = 2  # children per transaction, two statuses each (the default)
 
 
 def _connections(url: str) -> list[int]:
@@ -53,7 +54,7 @@ def _backend_of(url: str, application_name: str) -> int:
         return pid
 
 
-def main(flushes: int) -> None:
+def main(flushes: int = 300, per_flush: int = PER_FLUSH) -> None:
     base = world_traversable_tmpdir("sitelink-lane-cost-")
     server = PostgresServer(base, fast=False)
     database = None
@@ -95,16 +96,16 @@ def main(flushes: int) -> None:
             ("BEGIN + COMMIT, nothing written", lambda s, cids, items: None),
             ("the senders' floors read (stream_floors)", floors_read),
             ("the batch's context (batch_context)", lambda s, cids, items: _batch_context(s, items)),
-            ("4 statuses in 2 waves (status_set x 2)", statuses),
+            (f"{2 * per_flush} statuses in 2 waves (status_set x 2)", statuses),
             ("the floors written (stream_commit)", floors_written),
             ("the whole flush (as the logger runs it)", whole),
         ]
-        print(f"{flushes} transactions per part, {PER_FLUSH} children x 2 statuses each; per transaction:")
+        print(f"{flushes} transactions per part, {per_flush} children x 2 statuses each; per transaction:")
         for name, part in parts:
             cpu0, pg0, t0 = time.thread_time(), _cpu_of(backend), time.perf_counter()
             for k in range(flushes):
-                at = (PER_FLUSH * k) % CONNECTIONS
-                cids = ids[at:at + PER_FLUSH]
+                at = (per_flush * k) % (CONNECTIONS - per_flush + 1)
+                cids = ids[at:at + per_flush]
                 items = batch(cids)
                 with database.transaction() as s:
                     part(s, cids, items)
@@ -125,4 +126,4 @@ def _cpu_of(pid: int) -> float:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
+    main(*(int(arg) for arg in sys.argv[1:3]))
