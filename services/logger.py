@@ -298,10 +298,10 @@ def write_batch(s: db.Session, batch: list[Item], cache: DeviceCache | None = No
         elif isinstance(ev, MonitorCycle):
             out.connection_lines.append(("DEBUG", (
                 f"[monitor {ev.instance_id}] cycle: {ev.running} running, {ev.started} started, "
-                f"{ev.stopped} stopped, offline {ev.offline}, {ev.duration * 1000:.0f} ms")))
+                f"{ev.stopped} stopped, offline {ev.offline}, {ev.duration * 1000:.0f} ms (ms: {ev.parts_text()})")))
             out.feed.append({"type": "monitor_cycle", "instance_id": ev.instance_id, "running": ev.running,
                              "started": ev.started, "stopped": ev.stopped, "offline": ev.offline,
-                             "duration": ev.duration, "timestamp": at.isoformat()})
+                             "duration": ev.duration, "parts": ev.parts, "timestamp": at.isoformat()})
         elif isinstance(ev, DeviceChange):
             out.feed.append({**feed.device_body(ev.device_kind, {
                 "id": ev.device_id, "site_id": ev.site_id, "site": sites.get(("site", ev.site_id)),

@@ -152,6 +152,9 @@ class Monitor:
         self.wake_now = True
         self.next_cycle = 0.0
         self.cycle_started = -FOREVER
+        #: Where this cycle's time went so far (s, by part), and when the last part ended.
+        self.cycle_parts: dict[str, float] = {}
+        self.cycle_mark = 0.0
         self.next_renewal = -FOREVER
         self.released_at = -FOREVER  # when our claims not kept were last released
         self.next_offline_scan = -FOREVER
@@ -222,7 +225,13 @@ class Monitor:
     # ---------------------------------------------------------- the cycle
 
     def cycle(self) -> None:
-        started = self.cycle_started = self.clock()
+        """One cycle, in parts whose durations it reports (``_lap``): ``read``
+        the rows, ``reconcile`` them with our records, ``renew`` and release
+        claims, ``balance`` the share (hand-overs), ``claim`` new rows,
+        ``start`` their children, publish the ``fence``, mark devices
+        ``offline``. A slow cycle thus says where its time went."""
+        started = self.cycle_started = self.cycle_mark = self.clock()
+        self.cycle_parts = {}
         self.next_cycle = started + self.settings.monitor_interval
         if not self._take_part():
             return
@@ -236,6 +245,7 @@ class Monitor:
         except db.DatabaseError as exc:
             self._db_failed("reading the connections", exc)
             return
+        self._lap("read")
         if self.outage.ended():
             self.fleet.listen_now()
         seen = {row["id"] for row in snapshot.rows}
@@ -257,11 +267,22 @@ class Monitor:
                 starts.append(rec)
             elif want == "report":
                 reports.append(rec)
-        if self._renew_if_due() and self._release():
+        self._lap("reconcile")
+        claims_held = self._renew_if_due() and self._release()
+        self._lap("renew")
+        if claims_held:
             self._balance(snapshot, starts, reports)
         self._publish_fence()
+        self._lap("fence")
         offline = self._mark_offline()
+        self._lap("offline")
         self._log_cycle(started, offline)
+
+    def _lap(self, part: str) -> None:
+        """The cycle's time since the last part ended goes to ``part``."""
+        now = self.clock()
+        self.cycle_parts[part] = self.cycle_parts.get(part, 0.0) + max(0.0, now - self.cycle_mark)
+        self.cycle_mark = now
 
     def _take_part(self) -> bool:
         """Be the one live monitor of this instance id (on this host and in the fleet)."""
@@ -494,6 +515,7 @@ class Monitor:
         own = [r for r in starts if r.state is S.BACKOFF]
         new = [r for r in starts if r.state is S.IDLE]
         room = max(0, target - len(self._counted()))
+        self._lap("balance")
         claimed_at = self.clock()
         try:
             won = self.fleet.claim([r.connection_id for r in own + reports], len(own) + len(reports))
@@ -501,6 +523,8 @@ class Monitor:
         except db.DatabaseError as exc:
             self._db_failed("claiming connections", exc)
             return False
+        finally:
+            self._lap("claim")
         wanted = min(room, len(new))
         won_new = sum(1 for r in new if r.connection_id in won)
         if wanted > CLAIM_BATCH and won_new == CLAIM_BATCH:
@@ -524,6 +548,7 @@ class Monitor:
                 # One line per batch, not one per child: between two children the zygote waits for us.
                 logger.info("started {} connection(s): {}", len(started),
                             ", ".join(f"{rec.connection_id} (pid {pid}, epoch {rec.epoch})" for rec, pid in started))
+            self._lap("start")
         for rec in reports:
             if rec.connection_id in won:
                 # IDLE -> RELEASING: claimed to say that nobody runs it
@@ -613,11 +638,12 @@ class Monitor:
         duration = self.clock() - started
         running = sum(1 for r in self.records.values() if r.state in WITH_CHILD)
         target, active, live = self.share_seen
+        event = MonitorCycle(instance_id=self.instance_id, running=running, started=self.tally.started,
+                             stopped=self.tally.stopped, offline=offline, duration=duration, parts=self.cycle_parts)
         logger.info("monitor {} cycle: {} running, {} started, {} stopped, share {} of {} active "
-                    "({} monitors), offline {}, {:.0f} ms", self.instance_id, running, self.tally.started,
-                    self.tally.stopped, target, active, live, offline, duration * 1000)
-        self.events.send(MonitorCycle(instance_id=self.instance_id, running=running, started=self.tally.started,
-                                      stopped=self.tally.stopped, offline=offline, duration=duration))
+                    "({} monitors), offline {}, {:.0f} ms (ms: {})", self.instance_id, running, self.tally.started,
+                    self.tally.stopped, target, active, live, offline, duration * 1000, event.parts_text())
+        self.events.send(event)
         self.tally = Tally()
 
     # ------------------------------------------------ states and children

@@ -104,6 +104,16 @@ def _duration(v: float) -> str | None:
     return None if math.isfinite(v) and 0 <= v <= 86400 else f"{v!r} is not a duration in seconds"
 
 
+def _durations(v: dict) -> str | None:
+    if len(v) > 16:
+        return "has too many entries"
+    for key, seconds in v.items():
+        if (not isinstance(key, str) or len(key) > 32 or type(seconds) not in (int, float)
+                or not math.isfinite(seconds) or not 0 <= seconds <= 86400):
+            return "is not a map of names to durations in seconds"
+    return None
+
+
 def _counts(v: dict) -> str | None:
     if len(v) > 16:
         return "has too many entries"
@@ -279,6 +289,13 @@ class MonitorCycle:
     stopped: int = _checked(_COUNT)
     offline: dict[str, int] = _checked(_counts)
     duration: float = _checked(_duration)
+    #: Where the cycle's time went (s), by part: see ``services.monitor.Monitor.cycle``.
+    parts: dict[str, float] = _checked(_durations, default_factory=dict)
+
+    def parts_text(self) -> str:
+        """The parts that took 1 ms or more, in ms, in the order the cycle ran them."""
+        return ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in self.parts.items()
+                         if seconds >= 0.0005) or "no part took 1 ms"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ def envelopes(cid: int, other: int) -> list[tuple[str, dict, bool]]:
     status = {"connection_id": cid, "status": "error", "message": "m"}
     parsefail = {"connection_id": cid, "topic": "t", "parser_name": "json", "error_type": "PARSE_ERROR",
                  "error_message": "m", "payload": b"x"}
+    cycle = {"instance_id": "m1", "running": 1, "started": 0, "stopped": 0, "offline": {}, "duration": 0.0}
 
     def d(kind="connlog", body=None, **header):
         return doc(kind, message if body is None else body, cid=cid, **header)
@@ -59,6 +60,12 @@ def envelopes(cid: int, other: int) -> list[tuple[str, dict, bool]]:
         ("a child sending a monitor cycle", d(kind="cycle", body={
             "instance_id": "m", "running": 1, "started": 0, "stopped": 0, "offline": {}, "duration": 0.0}), True),
         ("a monitor sending data", d(kind="data", s="monitor:m1", body=data), True),
+        *((f"a cycle's parts {what}", d(kind="cycle", s="monitor:m1", body={**cycle, "parts": parts}), True)
+          for what, parts in (("not a map", [0.1]), ("of text", {"read": "slow"}), ("negative", {"read": -1.0}),
+                              ("NaN", {"read": math.nan}), ("infinite", {"read": math.inf}),
+                              ("of a year", {"read": 365 * 86400.0}), ("as booleans", {"read": True}),
+                              ("named at length", {"r" * 33: 0.1}),
+                              ("too many", {f"p{i}": 0.1 for i in range(17)}))),
         ("level not a level", d(body={**message, "level": "LOUD"}), True),
         ("missing field", d(body={"connection_id": cid, "level": "INFO"}), True),
         ("unknown field", d(body={**message, "extra": 1}), True),

@@ -184,6 +184,23 @@ def test_connection_file_log_gets_the_lines_the_db_log_gets(stack, broker):
     wait_for(all_there, what="every DB log row in mqtt_connections.log")
 
 
+def test_a_monitor_cycle_says_where_its_time_went(stack, broker):
+    """On the feed and in the monitor's log: a slow cycle names the part that was slow."""
+    cid = stack.sql.add_site("lambda", port=broker.port)
+    stack.start("logger")
+    feed = stack.feed("monitor_cycle")
+    stack.start("monitor")
+    _, body = feed.wait_for(lambda t, b: b["started"] == 1, what="the cycle that started the child")
+    parts = body["parts"]
+    assert list(parts) == ["read", "reconcile", "renew", "balance", "claim", "start", "fence", "offline"]
+    assert all(seconds >= 0 for seconds in parts.values())
+    assert sum(parts.values()) <= body["duration"] + 1e-6
+    stack.sql.wait_status(cid, "connected")
+    wait_for(lambda: any(" cycle: " in line and " started" in line and "(ms: " in line and "read " in line
+                         for line in stack.output("monitor").splitlines()),
+             what="the cycle's parts in the monitor's log")
+
+
 # --- giving up ----------------------------------------------------------------
 
 def test_gives_up_after_max_retries_and_waits_for_the_cool_down(stack):

@@ -28,7 +28,8 @@ CHILD_EVENTS = [
     Flow(connection_id=1, paused=True, unacked=1000),
 ]
 MONITOR_EVENTS = [
-    MonitorCycle(instance_id="m", running=3, started=1, stopped=0, offline={"sensor": 2}, duration=0.01),
+    MonitorCycle(instance_id="m", running=3, started=1, stopped=0, offline={"sensor": 2}, duration=0.01,
+                 parts={"read": 0.004, "claim": 0.002, "start": 0}),
     DeviceChange(device_kind="sensor", device_id=3, site_id=1, name="S", online=False),
 ]
 
