@@ -725,10 +725,10 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
     slowest = max(steady, key=lambda c: c["duration"]) if steady else None
     if slowest is not None and slowest.get("parts"):
         parts = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in slowest["parts"].items())
-        cycle_list += (f" The slowest steady cycle ({slowest['duration'] * 1000:.0f} ms), part by part as the "
-                       f"monitor timed it (`parts`, ms): {parts}; the median steady cycle's: "
+        cycle_list += (f". The slowest steady cycle ({slowest['duration'] * 1000:.0f} ms), part by part as the "
+                       f"monitor timed it (`parts`, ms): {parts}; the steady cycles' medians: "
                        + ", ".join(f"{name} {median([c['parts'].get(name, 0.0) for c in steady]) * 1000:.1f}"
-                                   for name in slowest["parts"]) + ".")
+                                   for name in slowest["parts"]))
 
     return f"""`tests/bench/bench_thousand.py`{scale}: {p.n} active connections (one site each, `stall_after`
 NULL) and {p.rows - p.n:,} inactive ones, {p.rows:,} rows in `mqtt_connection`; logger and monitor as
