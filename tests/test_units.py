@@ -8,6 +8,7 @@ import pytest
 from services.logger import URGENT_BURST, URGENT_BURST_WINDOW, Bursts, payload_sample
 from shared import backoff
 from shared.connections import ConnectionSettings
+from tests.bench.results import service_env
 
 
 def test_backoff_grows_to_the_cap_with_jitter():
@@ -67,3 +68,12 @@ def test_a_burst_of_status_changes_is_seen_by_its_rate():
     assert seen == [False] * (URGENT_BURST - 1) + [True] * 6
     # Once the burst is over, the next change is lone again.
     assert not bursts.arrived(10.0)
+
+
+def test_a_bench_run_changes_only_settings_the_services_have():
+    assert service_env("") == {}
+    assert service_env("SITELINK_BATCH_WAIT=0.05  SITELINK_CONNECT_RATE=1000") == {
+        "SITELINK_BATCH_WAIT": "0.05", "SITELINK_CONNECT_RATE": "1000"}
+    for bad in ("SITELINK_BATCH_WAIT", "SITELINK_NO_SUCH=1", "batch_wait=1", "=1"):
+        with pytest.raises(ValueError, match="SITELINK_BENCH_SERVICE_ENV"):
+            service_env(bad)

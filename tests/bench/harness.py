@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import psycopg
 
+from tests.bench import results
 from tests.support import ROOT, PostgresServer, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -60,9 +61,12 @@ WHERE = ("SITELINK_HOME", "SITELINK_DATABASE_URL", "SITELINK_EVENTS_ENDPOINT", "
 
 
 def service_defaults(stack, **overrides: str) -> None:
-    """Reset ``stack``'s environment to the services' defaults, plus ``overrides``."""
+    """Reset ``stack``'s environment to the services' defaults, plus the run's
+    SITELINK_BENCH_SERVICE_ENV (``results.SERVICE_ENV``), plus ``overrides``
+    (what the benchmark itself sets wins)."""
     for key in [k for k in stack.env if k.startswith("SITELINK_") and k not in WHERE]:
         del stack.env[key]
+    stack.env.update(results.SERVICE_ENV)
     stack.env.update(overrides)
 
 

@@ -59,11 +59,34 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def service_env(raw: str) -> dict[str, str]:
+    """The services' settings a run changes (SITELINK_BENCH_SERVICE_ENV:
+    ``NAME=value`` words, each a setting of ``shared.config``), for an A/B of
+    a setting without editing its default. ValueError says what is wrong."""
+    from shared import config
+
+    known = {name for name, _, _ in config.documentation()}
+    settings = {}
+    for word in raw.split():
+        name, equals, value = word.partition("=")
+        if not equals or name not in known:
+            raise ValueError(f"SITELINK_BENCH_SERVICE_ENV: {word!r} is not NAME=value with NAME one of "
+                             f"shared.config's settings (see the README's settings table)")
+        settings[name] = value
+    return settings
+
+
+#: The services' settings this run changes, said in every section it measures.
+SERVICE_ENV = service_env(os.environ.get("SITELINK_BENCH_SERVICE_ENV", ""))
+
+
 def run_line() -> str:
     """When, at which commit, on what: the machines the benchmarks run on change
-    (and with them every absolute figure), so each section names its CPU."""
+    (and with them every absolute figure), so each section names its CPU; and
+    the services' settings the run changed, if any."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{now}, commit {commit()}, {os.cpu_count()} cores ({cpu_model()})"
+    changed = "".join(f", services with {name}={value}" for name, value in SERVICE_ENV.items())
+    return f"{now}, commit {commit()}, {os.cpu_count()} cores ({cpu_model()}){changed}"
 
 
 def machine() -> str:
