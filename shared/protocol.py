@@ -104,23 +104,20 @@ def _duration(v: float) -> str | None:
     return None if math.isfinite(v) and 0 <= v <= 86400 else f"{v!r} is not a duration in seconds"
 
 
-def _durations(v: dict) -> str | None:
-    if len(v) > 16:
-        return "has too many entries"
-    for key, seconds in v.items():
-        if (not isinstance(key, str) or len(key) > 32 or type(seconds) not in (int, float)
-                or not math.isfinite(seconds) or not 0 <= seconds <= 86400):
-            return "is not a map of names to durations in seconds"
-    return None
+def _names_to(value_ok: Callable[[Any], bool], what: str) -> Check:
+    """A map of at most 16 short names (a monitor's counts, a cycle's durations) to values ``value_ok`` takes."""
+    def check(v: dict) -> str | None:
+        if len(v) > 16:
+            return "has too many entries"
+        if not all(isinstance(key, str) and len(key) <= 32 and value_ok(value) for key, value in v.items()):
+            return f"is not a map of names to {what}"
+        return None
+    return check
 
 
-def _counts(v: dict) -> str | None:
-    if len(v) > 16:
-        return "has too many entries"
-    for key, count in v.items():
-        if not isinstance(key, str) or len(key) > 32 or type(count) is not int or not 0 <= count <= limits.INT64_MAX:
-            return "is not a map of names to counts"
-    return None
+_counts = _names_to(lambda n: type(n) is int and 0 <= n <= limits.INT64_MAX, "counts")
+_durations = _names_to(lambda s: type(s) in (int, float) and math.isfinite(s) and 0 <= s <= 86400,
+                       "durations in seconds")
 
 
 def _sensors(v: dict) -> str | None:

@@ -397,14 +397,14 @@ class CpuMeter:
         # for 2000 children): the window runs from the middle of one reading to
         # the middle of the other.
         self._busy0 = system_busy_seconds()
-        before = time.monotonic()
+        reading_from = time.monotonic()
         self._start = self._sample()
-        self._t0 = (before + time.monotonic()) / 2
+        self._t0 = (reading_from + time.monotonic()) / 2
 
     def stop(self) -> dict[str, float]:
-        before = time.monotonic()
+        reading_from = time.monotonic()
         end = self._sample()
-        self.seconds = (before + time.monotonic()) / 2 - self._t0
+        self.seconds = (reading_from + time.monotonic()) / 2 - self._t0
         self.system = system_busy_seconds() - self._busy0
         for name, pids in end.items():
             before = self._start.get(name, {})
