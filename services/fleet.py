@@ -36,6 +36,11 @@ SLACK = 1
 #: How often a database outage is logged again while it lasts.
 OUTAGE_REPORT_EVERY = 60.0
 DEVICE_KINDS = ("gateway", "datalogger", "sensor")
+#: Every row is read again at least this often (s), whatever changed: the
+#: safety net of the reads of changes only (a trigger disabled by hand).
+FULL_READ_EVERY = 600.0
+#: The columns of each changed row in monitor_read, in its order.
+ROW_COLUMNS = ("id", "is_active", "status", "claimed_by", "claim_epoch", "config_hash", "is_due", "claim")
 
 
 def share(active: int, capacities: list[int | None], mine: int | None) -> int:
@@ -71,14 +76,33 @@ class Occupied:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What one cycle sees: the rows it may act on and the live monitors' capacities."""
+    """What one cycle sees: the rows it may act on and the live monitors' capacities.
+
+    ``fresh``: the ids of the rows read by this cycle, None if it read them all;
+    the others are as the previous cycle read them, unchanged since (``Fleet.snapshot``).
+    ``expiry_in``: seconds until the soonest claim of another monitor on an
+    active row runs out; ``due_in``: until the soonest retry time of an active,
+    unclaimed row comes (each None if there is none): when to look again."""
 
     rows: list[dict]
     capacities: list[int | None]
+    fresh: frozenset[int] | None = None
+    expiry_in: float | None = None
+    due_in: float | None = None
 
     @property
     def active(self) -> int:
         return sum(1 for r in self.rows if r["is_active"])
+
+
+@dataclass
+class _Seen:
+    """What the previous read saw: its rows (without their settings), horizon and time."""
+
+    rows: dict[int, dict]
+    horizon: int
+    as_of: object  # PostgreSQL's now() of that read (a datetime)
+    full_at: float  # time.monotonic() of the last read of every row
 
 
 class Fleet:
@@ -91,6 +115,7 @@ class Fleet:
         self.listener: db.Listener | None = None
         self._listen_failures = 0
         self._listen_at = 0.0  # monotonic
+        self._seen: _Seen | None = None  # what the previous snapshot read
 
     def _me(self) -> dict:
         return {"me": self.instance_id, "incarnation": self.incarnation}
@@ -127,29 +152,55 @@ class Fleet:
     def snapshot(self, held: list[int], holds: int, known: Mapping[int, str] | None = None) -> Snapshot:
         """Heartbeat, the live monitors and the rows, in one transaction.
 
+        Only the rows that changed since the previous snapshot are read
+        (migration 0012): the others are as that one read them. Every row is
+        read again at the first snapshot, after any failure, when the horizon
+        went back (a database restored from a backup) and every FULL_READ_EVERY
+        seconds, a safety net that costs what every cycle used to cost.
+
         ``known``: the configuration hash the caller has for each connection;
         only the rows with another one come with their broker settings (and
         the hash of those settings)."""
         known = known or {}
+        seen, self._seen = self._seen, None  # restored only once this read succeeded
+        if seen is not None and time.monotonic() - seen.full_at >= FULL_READ_EVERY:
+            seen = None
         with self.db.transaction() as s:
             s.run("commit_without_waiting")
             if s.one("monitor_heartbeat", {**self._me(), "holds": holds,
                                            "capacity": self.settings.max_connections}) is None:
                 raise MembershipLost(f"another monitor took instance id {self.instance_id!r} over")
-            capacities = [r["capacity"] for r in s.rows("fleet_members")]
-            rows = s.rows("monitor_connections", {"incarnation": self.incarnation, "held": held})
+            read = self._read(s, held, seen)
+            if seen is not None and read["horizon"] < seen.horizon:
+                seen = None  # PostgreSQL went back in time (restored from a backup): trust nothing
+                read = self._read(s, held, seen)
+            full = seen is None
+            if seen is None:
+                seen = _Seen({}, 0, None, time.monotonic())
+            fresh = {r[0]: dict(zip(ROW_COLUMNS, r)) for r in read["changed"]}
+            rows = [r for cid in read["ids"] if (r := fresh.get(cid) or seen.rows.get(cid)) is not None]
+            now_seen = _Seen({r["id"]: r for r in rows}, read["horizon"], read["as_of"], seen.full_at)
             new = [r["id"] for r in rows if known.get(r["id"]) != r["config_hash"]]
             if new:
                 settings = {r["id"]: r for r in s.rows("connection_settings", {"ids": new})}
                 kept = []
                 for r in rows:
                     if r["id"] in settings:
-                        r.update(settings[r["id"]])
+                        r = {**r, **settings[r["id"]]}
                     elif known.get(r["id"]) != r["config_hash"]:
-                        continue  # deleted between the two statements: gone, as if not read
+                        continue  # deleted between the statements: gone, as if not read
                     kept.append(r)
                 rows = kept
-        return Snapshot(rows, capacities)
+        self._seen = now_seen
+        return Snapshot(rows, read["capacities"], None if full else frozenset(fresh),
+                        read["expiry_in"], read["due_in"])
+
+    def _read(self, s: db.Session, held: list[int], seen: _Seen | None) -> dict:
+        read = s.one("monitor_read", {"incarnation": self.incarnation, "held": held,
+                                      "since": None if seen is None else seen.horizon,
+                                      "as_of": None if seen is None else seen.as_of})
+        assert read is not None  # an aggregate: always one row
+        return read
 
     def leave(self) -> None:
         """Release every claim and the membership; wake the others to take over at once."""

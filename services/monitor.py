@@ -251,10 +251,25 @@ class Monitor:
         seen = {row["id"] for row in snapshot.rows}
         for cid in [cid for cid in self.records if cid not in seen]:
             self._row_gone(self.records[cid])
+        now = self.clock()
+        if snapshot.expiry_in is not None:
+            # Another monitor's claim on an active row: a live holder renews long before
+            # it runs out; one that died or froze does not: look again the moment it
+            # does, not a whole interval later.
+            self.next_cycle = min(self.next_cycle, now + max(0.0, snapshot.expiry_in) + 0.05)
+        if snapshot.due_in is not None:
+            # A previous child's retry time (mqtt_next_retry) has not come, by
+            # PostgreSQL's clock: look again then.
+            self.next_cycle = min(self.next_cycle, now + snapshot.due_in + 0.01)
         starts: list[Record] = []
         reports: list[Record] = []
+        fresh = snapshot.fresh
         for row in snapshot.rows:
-            rec = self.records.setdefault(row["id"], Record(row["id"]))
+            rec = self.records.get(row["id"])
+            if rec is None:
+                rec = self.records[row["id"]] = Record(row["id"])
+            elif fresh is not None and rec.state is S.RUNNING and rec.failure is None and row["id"] not in fresh:
+                continue  # running, and its row unchanged since it was last handled: nothing to do
             try:
                 want = self._reconcile(rec, row)
             except IllegalTransition:
@@ -346,19 +361,10 @@ class Monitor:
             self.change_state(rec, S.BACKOFF, until=now)
         if rec.state is S.BACKOFF:
             return "start" if rec.until <= now else None  # our own delay, by our own clock
-        if row["claim"] == "taken" and row.get("expires_in") is not None:
-            # A live holder renews long before this; one that died or froze
-            # does not: look again the moment its claim runs out, not a whole
-            # interval later.
-            self.next_cycle = min(self.next_cycle, now + max(0.0, row["expires_in"]) + 0.05)
         if rec.state is not S.IDLE or row["claim"] == "taken":
-            return None
-        if row["is_due"] or rec.fresh:
-            return "start"
-        # Its previous child's retry time (mqtt_next_retry) has not come, by
-        # PostgreSQL's clock: look again then.
-        self.next_cycle = min(self.next_cycle, now + row["due_in"] + 0.01)
-        return None
+            return None  # a claim of another monitor: the cycle looks again when it runs out
+        # Not due yet: the cycle looks again when its retry time comes.
+        return "start" if row["is_due"] or rec.fresh else None
 
     def _inactive(self, rec: Record, row: dict) -> str | None:
         rec.fresh = True  # is_active off and on again: start at once

@@ -24,31 +24,62 @@ INSERT INTO sitelink_migration (version, name) VALUES (%(version)s, %(name)s);
 
 -- ------------------------------------------------------------------ monitor
 
--- name: monitor_connections
+-- name: monitor_read
+-- One cycle's read, in one statement (its heartbeat just before, in the same
+-- transaction): the live monitors' capacities, the set of rows it may act on
+-- (ids), and those of them that changed since the previous read (changed),
+-- each as an array of the columns ROW_COLUMNS in services/fleet.py names.
+--
+-- The set: active, with a status to settle, or claimed by this monitor
+-- process (its incarnation) or held by it (held). An inactive, disconnected
+-- row nobody of ours holds needs nothing: of 10,000 rows mostly inactive, the
+-- cycle reads only those it may act on. The held ids as a subquery:
+-- PostgreSQL hashes it once, where "= ANY(array)" compared every inactive row
+-- with every held id (9,000 x 1000: 28 of 34 ms).
+--
+-- Changed (migration 0012): by a transaction at or above the previous read's
+-- horizon (since; NULL: every row is changed), or by the clock since that
+-- read's as_of (a retry time or a claim's expiry passed). horizon: this
+-- statement's snapshot's xmin, every transaction below it seen.
+--
 -- claim: 'mine' (this monitor process holds a valid claim), 'taken' (another
 -- does), 'free' (nobody does: never claimed, released or expired). No broker
 -- setting: a row whose config_hash is new to the monitor has them read by
--- connection_settings (in steady state none: 10 columns instead of 27, no join).
-SELECT c.id, c.is_active, c.status, c.claimed_by, c.claim_epoch, c.config_hash,
-       (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
-       extract(epoch FROM c.mqtt_next_retry - now())::float8 AS due_in,
-       extract(epoch FROM c.claim_expires_at - now())::float8 AS expires_in,
-       CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
-            WHEN c.claim_owner = %(incarnation)s THEN 'mine'
-            ELSE 'taken' END AS claim
-FROM mqtt_connection c
--- An inactive, disconnected row nobody of ours holds needs nothing: of
--- 10,000 rows mostly inactive, the cycle reads only those it may act on.
--- The held ids as a subquery: PostgreSQL hashes it once, where "= ANY(array)"
--- compared every inactive row with every held id (9,000 x 1000: 28 of 34 ms).
-WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s
-   OR c.id IN (SELECT unnest(%(held)s::bigint[]))
-ORDER BY c.id;
+-- connection_settings (in steady state none, and no join).
+-- expiry_in: the soonest an active row's claim held by another monitor runs
+-- out (s); due_in: the soonest an active, unclaimed row's retry time comes
+-- (s), each NULL if none: when to look again.
+SELECT now() AS as_of, pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
+       (SELECT coalesce(json_agg(m.capacity ORDER BY m.instance_id), '[]') FROM sitelink_monitor m
+        WHERE m.heartbeat_at + make_interval(secs => m.lease_seconds) > now()) AS capacities,
+       coalesce(array_agg(w.id ORDER BY w.id), '{}') AS ids,
+       extract(epoch FROM min(w.claim_expires_at) FILTER (WHERE w.is_active AND w.claim = 'taken')
+                          - now())::float8 AS expiry_in,
+       extract(epoch FROM min(w.mqtt_next_retry) FILTER (
+           WHERE w.is_active AND w.claim = 'free' AND w.mqtt_next_retry > now()) - now())::float8 AS due_in,
+       coalesce(json_agg(json_build_array(w.id, w.is_active, w.status, w.claimed_by, w.claim_epoch,
+                                          w.config_hash, w.is_due, w.claim) ORDER BY w.id)
+                FILTER (WHERE w.changed), '[]') AS changed
+FROM (
+    SELECT c.id, c.is_active, c.status, c.claimed_by, c.claim_epoch, c.config_hash,
+           c.claim_expires_at, c.mqtt_next_retry,
+           (c.mqtt_next_retry IS NULL OR c.mqtt_next_retry <= now()) AS is_due,
+           CASE WHEN c.claim_expires_at IS NULL OR c.claim_expires_at <= now() THEN 'free'
+                WHEN c.claim_owner = %(incarnation)s THEN 'mine'
+                ELSE 'taken' END AS claim,
+           (%(since)s::bigint IS NULL
+            OR c.monitor_change >= %(since)s::text::xid8
+            OR (c.mqtt_next_retry > %(as_of)s AND c.mqtt_next_retry <= now())
+            OR (c.claim_expires_at > %(as_of)s AND c.claim_expires_at <= now())) AS changed
+    FROM mqtt_connection c
+    WHERE c.is_active OR c.status <> 'disconnected' OR c.claim_owner = %(incarnation)s
+       OR c.id IN (SELECT unnest(%(held)b::bigint[]))
+) w;
 
 -- name: connection_settings
 -- The broker settings of connections by id, with the hash they go with: for
 -- the rows whose configuration the monitor does not know yet (the row may
--- have changed since monitor_connections read it: this hash is the one of
+-- have changed since monitor_read read it: this hash is the one of
 -- these settings), and for a child run by itself (one id).
 SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.client_id,
        c.keepalive, c.use_tls, c.tls_ca_path, c.topics, c.qos, c.parser_name,
@@ -56,15 +87,10 @@ SELECT c.id, c.site_id, c.broker_host, c.broker_port, c.username, c.password, c.
        s.name AS site_name,  -- for the child's process title only: not configuration
        c.config_hash
 FROM mqtt_connection c JOIN site s ON s.id = c.site_id
-WHERE c.id IN (SELECT unnest(%(ids)s::bigint[]));
+WHERE c.id IN (SELECT unnest(%(ids)b::bigint[]));
 
 -- Membership: a row per monitor (instance id), its heartbeat written at
 -- each cycle. Live = heartbeat within its lease by PostgreSQL's clock.
-
--- name: fleet_members
-SELECT instance_id, capacity FROM sitelink_monitor
-WHERE heartbeat_at + make_interval(secs => lease_seconds) > now()
-ORDER BY instance_id;
 
 -- name: monitor_member
 SELECT incarnation, host, pid, lock_key,
@@ -109,12 +135,12 @@ SELECT pg_notify('sitelink_mqtt_connection', %(payload)s);
 -- racing for one connection exactly one wins.
 
 -- name: claim_connections
--- Up to %(limit)s of %(ids)s, this monitor's own first. Each claim starts a
+-- Up to limit of ids, this monitor's own first. Each claim starts a
 -- new epoch: what a child of it (or the monitor about it) reports ranks
 -- above everything of the epochs before.
 WITH picked AS (
     SELECT id FROM mqtt_connection
-    WHERE id = ANY(%(ids)s)
+    WHERE id = ANY(%(ids)b::bigint[])
       AND (claim_owner = %(incarnation)s OR claim_expires_at IS NULL OR claim_expires_at <= now())
     ORDER BY claim_owner IS NOT DISTINCT FROM %(incarnation)s DESC, id
     LIMIT %(limit)s
@@ -130,17 +156,17 @@ RETURNING c.id, c.claim_epoch;
 -- name: renew_claims
 -- An expired claim is not renewed: it is gone, whoever holds it now.
 UPDATE mqtt_connection SET claim_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE claim_owner = %(incarnation)s AND claim_expires_at > now() AND id = ANY(%(ids)s)
+WHERE claim_owner = %(incarnation)s AND claim_expires_at > now() AND id = ANY(%(ids)b::bigint[])
 RETURNING id;
 
 -- name: release_claims_except
 -- The kept ids as a subquery, hashed once (not a scan of the array per claim).
 UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
-WHERE claim_owner = %(incarnation)s AND id NOT IN (SELECT unnest(%(keep)s::bigint[]));
+WHERE claim_owner = %(incarnation)s AND id NOT IN (SELECT unnest(%(keep)b::bigint[]));
 
 -- name: release_claims
 UPDATE mqtt_connection SET claimed_by = NULL, claim_owner = NULL, claim_expires_at = NULL
-WHERE claim_owner = %(incarnation)s AND id = ANY(%(ids)s);
+WHERE claim_owner = %(incarnation)s AND id = ANY(%(ids)b::bigint[]);
 
 -- name: release_owner
 -- The claims of a monitor process known to be gone, free at once.

@@ -134,6 +134,21 @@ def test_the_configuration_triggers_watch_every_column_of_the_configuration(data
         assert _trigger_columns(conn, "mqtt_connection_config_hash") == config | {"config_hash"}
 
 
+def test_the_monitor_s_change_marker_watches_every_column_its_read_takes(database_url):
+    """The monitor reads only the rows whose monitor_change moved since its
+    previous read (migration 0012): a column its read takes from the row that
+    the trigger does not watch would change unseen."""
+    read = set(re.findall(r"\bc\.(\w+)", db.QUERIES["monitor_read"]))
+    assert {"status", "is_active", "config_hash", "claim_owner", "mqtt_next_retry"} <= read
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        body = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'mqtt_connection_config'").fetchone()[0]
+        config = set(re.findall(r"\bc\.(\w+)", body))
+        watched = _trigger_columns(conn, "mqtt_connection_watch_update")
+        assert read <= watched and config <= watched  # the configuration changes the hash
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'mqtt_connection_watch_%%' "
+                            "AND tgenabled = 'A'").fetchone()[0] == 2  # replica-mode writes too
+
+
 def test_the_stored_configuration_hash_is_the_configuration_s_whoever_writes_it(database_url):
     """The monitor compares the row's config_hash every cycle: it must change with
     any change of the configuration, and only then, and cannot be written by hand."""

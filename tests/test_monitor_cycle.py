@@ -7,6 +7,11 @@
   hash is new to the monitor (``Fleet.snapshot``, a real PostgreSQL): a change
   made in psql (a password, a topic, is_active) is still seen and acted on,
   even one whose NOTIFY never came (the periodic cycle is the safety net).
+- The cycle reads only the rows that changed since its previous read
+  (``Fleet.snapshot``, migration 0012, a real PostgreSQL): every kind of
+  change is still seen, by whoever and however it was written, in a
+  transaction that was open during the previous read, or by the clock alone
+  (a claim running out, a retry time coming); a claim renewed is not a change.
 """
 
 from __future__ import annotations
@@ -91,6 +96,122 @@ def test_a_row_comes_with_its_settings_only_when_its_configuration_hash_is_new(s
         stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
         [off] = [r for r in fleet.snapshot(held=[cid], holds=0, known=known).rows if r["id"] == cid]
         assert off["is_active"] is False and "password" not in off  # is_active is read every cycle
+    finally:
+        fleet.close()
+
+
+def _row(snapshot, cid: int) -> dict | None:
+    return next((r for r in snapshot.rows if r["id"] == cid), None)
+
+
+def _read(fleet: Fleet, held=(), known=None):
+    """A snapshot, with the configuration hashes it brings remembered in ``known``."""
+    snap = fleet.snapshot(held=list(held), holds=0, known=known)
+    if known is not None:
+        known.update({r["id"]: r["config_hash"] for r in snap.rows})
+    return snap
+
+
+def test_a_cycle_reads_only_the_rows_that_changed_and_misses_no_kind_of_change(stack, broker, database_url):
+    cid = stack.sql.add_site("changes", port=broker.port)
+    quiet = stack.sql.add_site("changes-quiet", port=broker.port)
+    fleet = _fleet(database_url)
+    known: dict[int, str] = {}
+    try:
+        first = _read(fleet, known=known)
+        assert first.fresh is None and {cid, quiet} <= {r["id"] for r in first.rows}  # every row
+        again = _read(fleet, known=known)
+        assert again.fresh == frozenset() and _row(again, cid) == {k: v for k, v in _row(first, cid).items()
+                                                                   if k in _row(again, cid)}
+        assert _row(again, quiet)["is_active"]  # unchanged rows are still there, as last read
+
+        def changed(sql: str, *params) -> dict:
+            stack.sql.rows(sql, *params)
+            snap = _read(fleet, known=known)
+            assert cid in snap.fresh and quiet not in snap.fresh, sql
+            return _row(snap, cid)
+        assert changed("UPDATE mqtt_connection SET status = 'connected' WHERE id = %s", cid)["status"] == "connected"
+        assert changed("UPDATE mqtt_connection SET password = 'other', username = 'u' WHERE id = %s",
+                       cid)["password"] == "other"  # with its new settings
+        # Another monitor claims it: taken. Its renewals are no change; its release is.
+        row = changed("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
+                      "claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
+        assert row["claim"] == "taken"
+        stack.sql.rows("UPDATE mqtt_connection SET claim_expires_at = now() + interval '90 s' WHERE id = %s", cid)
+        renewed = _read(fleet, known=known)
+        assert cid not in renewed.fresh and _row(renewed, cid)["claim"] == "taken"
+        assert 80 < renewed.expiry_in <= 90  # when to look again: the soonest expiry, as renewed
+        # An expiry moved earlier or cleared by hand is a change.
+        assert changed("UPDATE mqtt_connection SET claim_expires_at = now() - interval '1 s' "
+                       "WHERE id = %s", cid)["claim"] == "free"
+        changed("UPDATE mqtt_connection SET claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
+        assert changed("UPDATE mqtt_connection SET claim_expires_at = NULL WHERE id = %s", cid)["claim"] == "free"
+        # A write in replica mode (no ordinary trigger runs) and one that sets the
+        # change marker itself are seen all the same.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            with conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("UPDATE mqtt_connection SET status = 'error' WHERE id = %s", (cid,))
+        snap = _read(fleet, known=known)
+        assert cid in snap.fresh and _row(snap, cid)["status"] == "error"
+        assert changed("UPDATE mqtt_connection SET status = 'connecting', monitor_change = '1' "
+                       "WHERE id = %s", cid)["status"] == "connecting"
+        assert stack.sql.value("SELECT monitor_change::text::bigint > 1 FROM mqtt_connection WHERE id = %s", cid)
+        # A counter of the logger's is no change; a row deleted or added is.
+        stack.sql.rows("UPDATE mqtt_connection SET connection_errors = connection_errors + 1, "
+                       "error_message = 'x' WHERE id = %s", cid)
+        assert cid not in _read(fleet, known=known).fresh
+        stack.sql.rows("DELETE FROM site WHERE id = (SELECT site_id FROM mqtt_connection WHERE id = %s)", quiet)
+        assert _row(_read(fleet, known=known), quiet) is None
+        added = stack.sql.add_site("changes-added", port=broker.port)
+        snap = _read(fleet, known=known)
+        assert added in snap.fresh and _row(snap, added)["site_name"] == "changes-added"
+    finally:
+        fleet.close()
+
+
+def test_a_change_committed_after_a_read_that_could_not_see_it_is_read_by_the_next(
+        stack, broker, database_url):
+    """A transaction that changed a row before a read and committed after it:
+    the read did not see it, and its change is older than the read."""
+    cid = stack.sql.add_site("late-commit", port=broker.port)
+    fleet = _fleet(database_url)
+    known: dict[int, str] = {}
+    try:
+        _read(fleet, known=known)
+        with psycopg.connect(database_url) as late:
+            late.execute("UPDATE mqtt_connection SET is_active = false WHERE id = %s", (cid,))
+            before = _read(fleet, [cid], known=known)  # the change is not committed yet
+            assert cid not in before.fresh and _row(before, cid)["is_active"] is True
+            late.commit()
+        for _ in range(2):  # read at the next cycle, and still right after it
+            after = _read(fleet, [cid], known=known)
+            assert _row(after, cid)["is_active"] is False
+    finally:
+        fleet.close()
+
+
+def test_a_claim_that_runs_out_and_a_retry_time_that_comes_are_read_as_changes(stack, broker, database_url):
+    """Nobody writes the row: only the clock makes it free or due, and the read sees it."""
+    taken = stack.sql.add_site("clock-taken", port=broker.port)
+    later = stack.sql.add_site("clock-later", port=broker.port)
+    fleet = _fleet(database_url)
+    known: dict[int, str] = {}
+    try:
+        stack.sql.rows("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
+                       "claim_expires_at = now() + interval '1 s' WHERE id = %s", taken)
+        stack.sql.rows("UPDATE mqtt_connection SET mqtt_next_retry = now() + interval '1.5 s' WHERE id = %s", later)
+        snap = _read(fleet, known=known)
+        assert _row(snap, taken)["claim"] == "taken" and _row(snap, later)["is_due"] is False
+        assert 0 < snap.expiry_in <= 1 and 0 < snap.due_in <= 1.5
+        assert {taken, later}.isdisjoint(_read(fleet, known=known).fresh)
+        free = wait_for(lambda: _row(s := _read(fleet, known=known), taken)["claim"] == "free" and s,
+                        timeout=10, what="the expired claim to be read as free")
+        assert taken in free.fresh
+        due = wait_for(lambda: _row(s := _read(fleet, known=known), later)["is_due"] and s,
+                       timeout=10, what="the retry time to be read as come")
+        assert later in due.fresh
+        assert due.due_in is None or due.due_in > 1
     finally:
         fleet.close()
 

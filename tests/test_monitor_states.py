@@ -141,16 +141,20 @@ class FakeFleet:
         self._call("snapshot")
         if not self.member:
             raise MembershipLost("another monitor took instance id 'me' over")
-        rows = []
+        rows, expiries, dues = [], [], []
         for cid, row in sorted(self.rows.items()):
             owner = self.claims.get(cid, [None])[0]
             due_in = None if row["next_retry"] is None else row["next_retry"] - self.clock()
-            expires = self.claims.get(cid, [None, None])[1]
-            rows.append({**row, "config_hash": config_hash(row), "claim": self.claim_of(cid),
+            claim = self.claim_of(cid)
+            if row["is_active"] and claim == "taken":
+                expiries.append(self.claims[cid][1] - self.clock())
+            if row["is_active"] and claim == "free" and due_in is not None and due_in > 0:
+                dues.append(due_in)
+            rows.append({**row, "config_hash": config_hash(row), "claim": claim,
                          "claimed_by": owner, "claim_epoch": self.epochs.get(cid, 0),
-                         "is_due": due_in is None or due_in <= 0, "due_in": due_in,
-                         "expires_in": None if expires is None else expires - self.clock()})
-        return Snapshot(rows, [None, *self.others])
+                         "is_due": due_in is None or due_in <= 0})
+        return Snapshot(rows, [None, *self.others], expiry_in=min(expiries, default=None),
+                        due_in=min(dues, default=None))
 
     def claim(self, ids: list[int], limit: int) -> dict[int, int]:
         self._call("claim")

@@ -198,8 +198,11 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
     SLICE = ("renew a slice of the claims, as each renewal step does (a quarter of them: `renew_claims` + "
              "`release_claims_except`)")
     ALL = "... all of them in one statement, as before the slices"
-    times: dict[str, list[float]] = {"read the rows it may act on (`monitor_connections`, fetched as dicts)": [],
-                                     "... of which PostgreSQL's execution (EXPLAIN ANALYZE)": [],
+    FULL = ("read every row it may act on (`monitor_read`, all rows changed), as a monitor's first cycle "
+            "and every 10 minutes")
+    DELTA = "read what changed (`monitor_read` since the previous read's horizon), as every cycle"
+    times: dict[str, list[float]] = {FULL: [], "... of which PostgreSQL's execution (EXPLAIN ANALYZE)": [],
+                                     DELTA: [],
                                      SLICE: [],
                                      ALL: [],
                                      "mark devices offline (3 queries; every 30 s, not every cycle)": []}
@@ -209,9 +212,15 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
         ids = [r["id"] for r in conn.execute("SELECT id FROM mqtt_connection WHERE claim_owner = %s", (me,))]
         conn.commit()
         for _ in range(repeat):
+            read = {"incarnation": me, "held": ids, "since": None, "as_of": None}
+            for label in (FULL, DELTA):
+                with conn.transaction(force_rollback=True):
+                    previous = conn.execute(q["monitor_read"], read).fetchone() if label == DELTA else None
+                    since = {"since": previous["horizon"], "as_of": previous["as_of"]} if previous else {}
+                    t = time.perf_counter()
+                    conn.execute(q["monitor_read"], {**read, **since}).fetchall()
+                    times[label].append(time.perf_counter() - t)
             steps = [
-                ("read the rows it may act on (`monitor_connections`, fetched as dicts)",
-                 [(q["monitor_connections"], {"incarnation": me, "held": ids})]),
                 (SLICE,
                  [(q["renew_claims"], {"incarnation": me, "lease": 90.0, "ids": ids[:-(-len(ids) // RENEW_SLICES)]}),
                   (q["release_claims_except"], {"incarnation": me, "keep": ids})]),
@@ -230,8 +239,7 @@ def _probe_cycle_queries(url: str, repeat: int = 5) -> dict[str, list[float]]:
                             cur.fetchall()
                 times[label].append(time.perf_counter() - t)
             with conn.transaction(force_rollback=True):
-                plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q["monitor_connections"],
-                                    {"incarnation": me, "held": ids}).fetchone()
+                plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q["monitor_read"], read).fetchone()
             times["... of which PostgreSQL's execution (EXPLAIN ANALYZE)"].append(
                 next(iter(plan.values()))[0]["Execution Time"] / 1000)
     return times
