@@ -155,6 +155,7 @@ class Monitor:
         #: Where this cycle's time went so far (s, by part), and when the last part ended.
         self.cycle_parts: dict[str, float] = {}
         self.cycle_mark = 0.0
+        self.cycle_read = (0, 0)  # rows the last read brought (changed), of those it may act on
         self.next_renewal = -FOREVER
         self.released_at = -FOREVER  # when our claims not kept were last released
         self.next_offline_scan = -FOREVER
@@ -246,6 +247,7 @@ class Monitor:
             self._db_failed("reading the connections", exc)
             return
         self._lap("read")
+        self.cycle_read = (len(snapshot.rows) if snapshot.fresh is None else len(snapshot.fresh), len(snapshot.rows))
         if self.outage.ended():
             self.fleet.listen_now()
         seen = {row["id"] for row in snapshot.rows}
@@ -647,8 +649,9 @@ class Monitor:
         event = MonitorCycle(instance_id=self.instance_id, running=running, started=self.tally.started,
                              stopped=self.tally.stopped, offline=offline, duration=duration, parts=self.cycle_parts)
         logger.info("monitor {} cycle: {} running, {} started, {} stopped, share {} of {} active "
-                    "({} monitors), offline {}, {:.0f} ms (ms: {})", self.instance_id, running, self.tally.started,
-                    self.tally.stopped, target, active, live, offline, duration * 1000, event.parts_text())
+                    "({} monitors), offline {}, {} of {} rows read, {:.0f} ms (ms: {})", self.instance_id, running,
+                    self.tally.started, self.tally.stopped, target, active, live, offline, *self.cycle_read,
+                    duration * 1000, event.parts_text())
         self.events.send(event)
         self.tally = Tally()
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 
 import psycopg
+import pytest
 
+from services import fleet as fleet_module
 from services.fleet import Fleet
 from services.monitor import RENEW_SLICES
 from services.states import ConnState
-from shared import config
+from shared import config, db
 from tests.support import wait_for
 from tests.test_monitor_states import LEASE, SETTINGS, World, running
 
@@ -187,6 +189,28 @@ def test_a_change_committed_after_a_read_that_could_not_see_it_is_read_by_the_ne
         for _ in range(2):  # read at the next cycle, and still right after it
             after = _read(fleet, [cid], known=known)
             assert _row(after, cid)["is_active"] is False
+    finally:
+        fleet.close()
+
+
+def test_every_row_is_read_again_after_a_failed_read_a_restored_database_and_periodically(
+        stack, broker, database_url, monkeypatch):
+    cid = stack.sql.add_site("full-reads", port=broker.port)
+    fleet = _fleet(database_url)
+    known: dict[int, str] = {}
+    try:
+        assert _read(fleet, known=known).fresh is None
+        assert _read(fleet, known=known).fresh == frozenset()
+        # As if PostgreSQL had been restored from a backup: its transaction ids went back.
+        fleet._seen.horizon += 10**9
+        snap = _read(fleet, known=known)
+        assert snap.fresh is None and _row(snap, cid) is not None
+        # A read that failed (the database refused it): the next one trusts nothing it kept.
+        with pytest.raises(db.DatabaseError):
+            fleet.snapshot(held=["not an id"], holds=0, known=known)
+        assert _read(fleet, known=known).fresh is None
+        monkeypatch.setattr(fleet_module, "FULL_READ_EVERY", 0.0)
+        assert _read(fleet, known=known).fresh is None
     finally:
         fleet.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +200,9 @@ def test_a_monitor_cycle_says_where_its_time_went(stack, broker):
     wait_for(lambda: any(" cycle: " in line and " started" in line and "(ms: " in line and "read " in line
                          for line in stack.output("monitor").splitlines()),
              what="the cycle's parts in the monitor's log")
+    # Once nothing changes, a cycle reads no row again: it says so.
+    wait_for(lambda: re.search(r" cycle: 1 running, .* 0 of 1 rows read, ", stack.output("monitor")),
+             what="a cycle that read no row, the connection unchanged")
 
 
 # --- giving up ----------------------------------------------------------------
