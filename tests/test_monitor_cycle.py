@@ -106,138 +106,132 @@ def _row(snapshot, cid: int) -> dict | None:
     return next((r for r in snapshot.rows if r["id"] == cid), None)
 
 
-def _read(fleet: Fleet, held=(), known=None):
-    """A snapshot, with the configuration hashes it brings remembered in ``known``."""
-    snap = fleet.snapshot(held=list(held), holds=0, known=known)
-    if known is not None:
-        known.update({r["id"]: r["config_hash"] for r in snap.rows})
-    return snap
+class Reader:
+    """A monitor's side of the reads: a Fleet that remembers the configuration
+    hashes its snapshots bring, as a monitor's records do."""
+
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+        self.known: dict[int, str] = {}
+
+    def read(self, held=()):
+        snap = self.fleet.snapshot(held=list(held), holds=0, known=self.known)
+        self.known.update({r["id"]: r["config_hash"] for r in snap.rows})
+        return snap
 
 
-def test_a_cycle_reads_only_the_rows_that_changed_and_misses_no_kind_of_change(stack, broker, database_url):
+@pytest.fixture
+def reader(database_url):
+    fleet = _fleet(database_url)
+    yield Reader(fleet)
+    fleet.close()
+
+
+def test_a_cycle_reads_only_the_rows_that_changed_and_misses_no_kind_of_change(stack, broker, database_url,
+                                                                              reader):
     cid = stack.sql.add_site("changes", port=broker.port)
     quiet = stack.sql.add_site("changes-quiet", port=broker.port)
-    fleet = _fleet(database_url)
-    known: dict[int, str] = {}
-    try:
-        first = _read(fleet, known=known)
-        assert first.fresh is None and {cid, quiet} <= {r["id"] for r in first.rows}  # every row
-        again = _read(fleet, known=known)
-        assert again.fresh == frozenset() and _row(again, cid) == {k: v for k, v in _row(first, cid).items()
-                                                                   if k in _row(again, cid)}
-        assert _row(again, quiet)["is_active"]  # unchanged rows are still there, as last read
+    first = reader.read()
+    assert first.fresh is None and {cid, quiet} <= {r["id"] for r in first.rows}  # every row
+    again = reader.read()
+    assert again.fresh == frozenset() and _row(again, cid) == {k: v for k, v in _row(first, cid).items()
+                                                               if k in _row(again, cid)}
+    assert _row(again, quiet)["is_active"]  # unchanged rows are still there, as last read
 
-        def changed(sql: str, *params) -> dict:
-            stack.sql.rows(sql, *params)
-            snap = _read(fleet, known=known)
-            assert cid in snap.fresh and quiet not in snap.fresh, sql
-            return _row(snap, cid)
-        assert changed("UPDATE mqtt_connection SET status = 'connected' WHERE id = %s", cid)["status"] == "connected"
-        assert changed("UPDATE mqtt_connection SET password = 'other', username = 'u' WHERE id = %s",
-                       cid)["password"] == "other"  # with its new settings
-        # Another monitor claims it: taken. Its renewals are no change; its release is.
-        row = changed("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
-                      "claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
-        assert row["claim"] == "taken"
-        stack.sql.rows("UPDATE mqtt_connection SET claim_expires_at = now() + interval '90 s' WHERE id = %s", cid)
-        renewed = _read(fleet, known=known)
-        assert cid not in renewed.fresh and _row(renewed, cid)["claim"] == "taken"
-        assert 80 < renewed.expiry_in <= 90  # when to look again: the soonest expiry, as renewed
-        # An expiry moved earlier or cleared by hand is a change.
-        assert changed("UPDATE mqtt_connection SET claim_expires_at = now() - interval '1 s' "
-                       "WHERE id = %s", cid)["claim"] == "free"
-        changed("UPDATE mqtt_connection SET claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
-        assert changed("UPDATE mqtt_connection SET claim_expires_at = NULL WHERE id = %s", cid)["claim"] == "free"
-        # A write in replica mode (no ordinary trigger runs) and one that sets the
-        # change marker itself are seen all the same.
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            with conn.transaction():
-                conn.execute("SET LOCAL session_replication_role = replica")
-                conn.execute("UPDATE mqtt_connection SET status = 'error' WHERE id = %s", (cid,))
-        snap = _read(fleet, known=known)
-        assert cid in snap.fresh and _row(snap, cid)["status"] == "error"
-        assert changed("UPDATE mqtt_connection SET status = 'connecting', monitor_change = '1' "
-                       "WHERE id = %s", cid)["status"] == "connecting"
-        assert stack.sql.value("SELECT monitor_change::text::bigint > 1 FROM mqtt_connection WHERE id = %s", cid)
-        # A counter of the logger's is no change; a row deleted or added is.
-        stack.sql.rows("UPDATE mqtt_connection SET connection_errors = connection_errors + 1, "
-                       "error_message = 'x' WHERE id = %s", cid)
-        assert cid not in _read(fleet, known=known).fresh
-        stack.sql.rows("DELETE FROM site WHERE id = (SELECT site_id FROM mqtt_connection WHERE id = %s)", quiet)
-        assert _row(_read(fleet, known=known), quiet) is None
-        added = stack.sql.add_site("changes-added", port=broker.port)
-        snap = _read(fleet, known=known)
-        assert added in snap.fresh and _row(snap, added)["site_name"] == "changes-added"
-    finally:
-        fleet.close()
+    def changed(sql: str, *params) -> dict:
+        stack.sql.rows(sql, *params)
+        snap = reader.read()
+        assert cid in snap.fresh and quiet not in snap.fresh, sql
+        return _row(snap, cid)
+    assert changed("UPDATE mqtt_connection SET status = 'connected' WHERE id = %s", cid)["status"] == "connected"
+    assert changed("UPDATE mqtt_connection SET password = 'other', username = 'u' WHERE id = %s",
+                   cid)["password"] == "other"  # with its new settings
+    # Another monitor claims it: taken. Its renewals are no change; its release is.
+    row = changed("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
+                  "claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
+    assert row["claim"] == "taken"
+    stack.sql.rows("UPDATE mqtt_connection SET claim_expires_at = now() + interval '90 s' WHERE id = %s", cid)
+    renewed = reader.read()
+    assert cid not in renewed.fresh and _row(renewed, cid)["claim"] == "taken"
+    assert 80 < renewed.expiry_in <= 90  # when to look again: the soonest expiry, as renewed
+    # An expiry moved earlier or cleared by hand is a change.
+    assert changed("UPDATE mqtt_connection SET claim_expires_at = now() - interval '1 s' "
+                   "WHERE id = %s", cid)["claim"] == "free"
+    changed("UPDATE mqtt_connection SET claim_expires_at = now() + interval '60 s' WHERE id = %s", cid)
+    assert changed("UPDATE mqtt_connection SET claim_expires_at = NULL WHERE id = %s", cid)["claim"] == "free"
+    # A write in replica mode (no ordinary trigger runs) and one that sets the
+    # change marker itself are seen all the same.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("UPDATE mqtt_connection SET status = 'error' WHERE id = %s", (cid,))
+    snap = reader.read()
+    assert cid in snap.fresh and _row(snap, cid)["status"] == "error"
+    assert changed("UPDATE mqtt_connection SET status = 'connecting', monitor_change = '1' "
+                   "WHERE id = %s", cid)["status"] == "connecting"
+    assert stack.sql.value("SELECT monitor_change::text::bigint > 1 FROM mqtt_connection WHERE id = %s", cid)
+    # A counter of the logger's is no change; a row deleted or added is.
+    stack.sql.rows("UPDATE mqtt_connection SET connection_errors = connection_errors + 1, "
+                   "error_message = 'x' WHERE id = %s", cid)
+    assert cid not in reader.read().fresh
+    stack.sql.rows("DELETE FROM site WHERE id = (SELECT site_id FROM mqtt_connection WHERE id = %s)", quiet)
+    assert _row(reader.read(), quiet) is None
+    added = stack.sql.add_site("changes-added", port=broker.port)
+    snap = reader.read()
+    assert added in snap.fresh and _row(snap, added)["site_name"] == "changes-added"
 
 
 def test_a_change_committed_after_a_read_that_could_not_see_it_is_read_by_the_next(
-        stack, broker, database_url):
+        stack, broker, database_url, reader):
     """A transaction that changed a row before a read and committed after it:
     the read did not see it, and its change is older than the read."""
     cid = stack.sql.add_site("late-commit", port=broker.port)
-    fleet = _fleet(database_url)
-    known: dict[int, str] = {}
-    try:
-        _read(fleet, known=known)
-        with psycopg.connect(database_url) as late:
-            late.execute("UPDATE mqtt_connection SET is_active = false WHERE id = %s", (cid,))
-            before = _read(fleet, [cid], known=known)  # the change is not committed yet
-            assert cid not in before.fresh and _row(before, cid)["is_active"] is True
-            late.commit()
-        for _ in range(2):  # read at the next cycle, and still right after it
-            after = _read(fleet, [cid], known=known)
-            assert _row(after, cid)["is_active"] is False
-    finally:
-        fleet.close()
+    reader.read()
+    with psycopg.connect(database_url) as late:
+        late.execute("UPDATE mqtt_connection SET is_active = false WHERE id = %s", (cid,))
+        before = reader.read([cid])  # the change is not committed yet
+        assert cid not in before.fresh and _row(before, cid)["is_active"] is True
+        late.commit()
+    for _ in range(2):  # read at the next cycle, and still right after it
+        after = reader.read([cid])
+        assert _row(after, cid)["is_active"] is False
 
 
 def test_every_row_is_read_again_after_a_failed_read_a_restored_database_and_periodically(
-        stack, broker, database_url, monkeypatch):
+        stack, broker, reader, monkeypatch):
     cid = stack.sql.add_site("full-reads", port=broker.port)
-    fleet = _fleet(database_url)
-    known: dict[int, str] = {}
-    try:
-        assert _read(fleet, known=known).fresh is None
-        assert _read(fleet, known=known).fresh == frozenset()
-        # As if PostgreSQL had been restored from a backup: its transaction ids went back.
-        fleet._seen.horizon += 10**9
-        snap = _read(fleet, known=known)
-        assert snap.fresh is None and _row(snap, cid) is not None
-        # A read that failed (the database refused it): the next one trusts nothing it kept.
-        with pytest.raises(db.DatabaseError):
-            fleet.snapshot(held=["not an id"], holds=0, known=known)
-        assert _read(fleet, known=known).fresh is None
-        monkeypatch.setattr(fleet_module, "FULL_READ_EVERY", 0.0)
-        assert _read(fleet, known=known).fresh is None
-    finally:
-        fleet.close()
+    assert reader.read().fresh is None
+    assert reader.read().fresh == frozenset()
+    # As if PostgreSQL had been restored from a backup: its transaction ids went back.
+    reader.fleet._seen.horizon += 10**9
+    snap = reader.read()
+    assert snap.fresh is None and _row(snap, cid) is not None
+    # A read that failed (the database refused it): the next one trusts nothing it kept.
+    with pytest.raises(db.DatabaseError):
+        reader.fleet.snapshot(held=["not an id"], holds=0)
+    assert reader.read().fresh is None
+    monkeypatch.setattr(fleet_module, "FULL_READ_EVERY", 0.0)
+    assert reader.read().fresh is None
 
 
-def test_a_claim_that_runs_out_and_a_retry_time_that_comes_are_read_as_changes(stack, broker, database_url):
+def test_a_claim_that_runs_out_and_a_retry_time_that_comes_are_read_as_changes(stack, broker, reader):
     """Nobody writes the row: only the clock makes it free or due, and the read sees it."""
     taken = stack.sql.add_site("clock-taken", port=broker.port)
     later = stack.sql.add_site("clock-later", port=broker.port)
-    fleet = _fleet(database_url)
-    known: dict[int, str] = {}
-    try:
-        stack.sql.rows("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
-                       "claim_expires_at = now() + interval '1 s' WHERE id = %s", taken)
-        stack.sql.rows("UPDATE mqtt_connection SET mqtt_next_retry = now() + interval '1.5 s' WHERE id = %s", later)
-        snap = _read(fleet, known=known)
-        assert _row(snap, taken)["claim"] == "taken" and _row(snap, later)["is_due"] is False
-        assert 0 < snap.expiry_in <= 1 and 0 < snap.due_in <= 1.5
-        assert {taken, later}.isdisjoint(_read(fleet, known=known).fresh)
-        free = wait_for(lambda: _row(s := _read(fleet, known=known), taken)["claim"] == "free" and s,
-                        timeout=10, what="the expired claim to be read as free")
-        assert taken in free.fresh
-        due = wait_for(lambda: _row(s := _read(fleet, known=known), later)["is_due"] and s,
-                       timeout=10, what="the retry time to be read as come")
-        assert later in due.fresh
-        assert due.due_in is None or due.due_in > 1
-    finally:
-        fleet.close()
+    stack.sql.rows("UPDATE mqtt_connection SET claim_owner = 'other/x', claimed_by = 'other', "
+                   "claim_expires_at = now() + interval '1 s' WHERE id = %s", taken)
+    stack.sql.rows("UPDATE mqtt_connection SET mqtt_next_retry = now() + interval '1.5 s' WHERE id = %s", later)
+    snap = reader.read()
+    assert _row(snap, taken)["claim"] == "taken" and _row(snap, later)["is_due"] is False
+    assert 0 < snap.expiry_in <= 1 and 0 < snap.due_in <= 1.5
+    assert {taken, later}.isdisjoint(reader.read().fresh)
+    free = wait_for(lambda: _row(s := reader.read(), taken)["claim"] == "free" and s,
+                    timeout=10, what="the expired claim to be read as free")
+    assert taken in free.fresh
+    due = wait_for(lambda: _row(s := reader.read(), later)["is_due"] and s,
+                   timeout=10, what="the retry time to be read as come")
+    assert later in due.fresh
+    assert due.due_in is None or due.due_in > 1
 
 
 def test_a_change_whose_notify_never_came_is_acted_on_by_the_periodic_cycle(stack, broker):
