@@ -10,7 +10,8 @@ as supervisor's:
 3. cycle, every ``SITELINK_MONITOR_INTERVAL`` seconds, when a NOTIFY came
    (a row changed; a monitor joined, left or released connections), when a
    restart is due:
-   a. heartbeat, the live monitors and the rows, in one transaction;
+   a. heartbeat, the live monitors and the rows that changed since the last
+      cycle (the others as it read them then: ``Fleet.snapshot``), in one transaction;
    b. reconcile each row with its record: stop what became inactive, was
       deleted or changed, or whose claim was lost; settle statuses;
    c. renew the oldest share of the claims (each is renewed every quarter
@@ -364,7 +365,7 @@ class Monitor:
         if rec.state is S.BACKOFF:
             return "start" if rec.until <= now else None  # our own delay, by our own clock
         if rec.state is not S.IDLE or row["claim"] == "taken":
-            return None  # a claim of another monitor: the cycle looks again when it runs out
+            return None  # not ours to start (another monitor's claim: the cycle looks again when it runs out)
         # Not due yet: the cycle looks again when its retry time comes.
         return "start" if row["is_due"] or rec.fresh else None
 
