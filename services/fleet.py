@@ -25,6 +25,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from loguru import logger
 
@@ -101,7 +102,7 @@ class _Seen:
 
     rows: dict[int, dict]
     horizon: int
-    as_of: object  # PostgreSQL's now() of that read (a datetime)
+    as_of: datetime | None  # PostgreSQL's now() of that read
     full_at: float  # time.monotonic() of the last read of every row
 
 

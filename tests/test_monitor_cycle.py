@@ -78,28 +78,25 @@ def _fleet(database_url: str) -> Fleet:
     return fleet
 
 
-def test_a_row_comes_with_its_settings_only_when_its_configuration_hash_is_new(stack, broker, database_url):
+def test_a_row_comes_with_its_settings_only_when_its_configuration_hash_is_new(stack, broker, reader):
     cid = stack.sql.add_site("hashes", port=broker.port, username="u", password="first-secret")
-    fleet = _fleet(database_url)
-    try:
-        [row] = [r for r in fleet.snapshot(held=[], holds=0).rows if r["id"] == cid]
-        assert row["password"] == "first-secret" and row["site_name"] == "hashes"
-        known = {cid: row["config_hash"]}
-        [same] = [r for r in fleet.snapshot(held=[], holds=0, known=known).rows if r["id"] == cid]
-        assert "password" not in same and "broker_host" not in same  # unchanged: no settings read
-        assert same["config_hash"] == row["config_hash"] and same["is_active"]
-        for change, check in [("password = 'second-secret'", lambda r: r["password"] == "second-secret"),
-                              ("topics = ARRAY['sites/hashes/other/#']",
-                               lambda r: r["topics"] == ["sites/hashes/other/#"])]:
-            stack.sql.rows(f"UPDATE mqtt_connection SET {change} WHERE id = %s", cid)
-            [new] = [r for r in fleet.snapshot(held=[], holds=0, known=known).rows if r["id"] == cid]
-            assert new["config_hash"] != known[cid] and check(new)
-            known[cid] = new["config_hash"]
-        stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
-        [off] = [r for r in fleet.snapshot(held=[cid], holds=0, known=known).rows if r["id"] == cid]
-        assert off["is_active"] is False and "password" not in off  # is_active is read every cycle
-    finally:
-        fleet.close()
+    fleet = reader.fleet
+    [row] = [r for r in fleet.snapshot(held=[], holds=0).rows if r["id"] == cid]
+    assert row["password"] == "first-secret" and row["site_name"] == "hashes"
+    known = {cid: row["config_hash"]}
+    [same] = [r for r in fleet.snapshot(held=[], holds=0, known=known).rows if r["id"] == cid]
+    assert "password" not in same and "broker_host" not in same  # unchanged: no settings read
+    assert same["config_hash"] == row["config_hash"] and same["is_active"]
+    for change, check in [("password = 'second-secret'", lambda r: r["password"] == "second-secret"),
+                          ("topics = ARRAY['sites/hashes/other/#']",
+                           lambda r: r["topics"] == ["sites/hashes/other/#"])]:
+        stack.sql.rows(f"UPDATE mqtt_connection SET {change} WHERE id = %s", cid)
+        [new] = [r for r in fleet.snapshot(held=[], holds=0, known=known).rows if r["id"] == cid]
+        assert new["config_hash"] != known[cid] and check(new)
+        known[cid] = new["config_hash"]
+    stack.sql.rows("UPDATE mqtt_connection SET is_active = false WHERE id = %s", cid)
+    [off] = [r for r in fleet.snapshot(held=[cid], holds=0, known=known).rows if r["id"] == cid]
+    assert off["is_active"] is False and "password" not in off  # is_active is read every cycle
 
 
 def _row(snapshot, cid: int) -> dict | None:
