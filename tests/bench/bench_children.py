@@ -158,6 +158,7 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path, overrides: dict[
             time.sleep(0.05)
         meter.stop()
         figures["cpu"], figures["disturbed"] = meter.describe(), meter.disturbed()
+        figures["per_child"] = meter.per_item(K)
         figures["connected"] = connected
         figures["marks"] = marks
         row = stack.sql.one("SELECT extract(epoch FROM max(last_connected_at))::float8 AS last "
@@ -300,6 +301,13 @@ def test_children_start_connect_and_memory(databases, broker, durable_pg, tmp_pa
         ["CPU ms per child until connected: the monitor's (total / children)"]
         + [fmt(1000 * runs[n]["monitor_cpu"] / max(1, len(runs[n]["child_cpu"])), 1)
            if runs[n]["monitor_cpu"] is not None else "" for n in names] + ["", ""],
+        ["CPU ms per child until connected: the logger's, PostgreSQL's (total / children)"]
+        + [f"{fmt(runs[n]['per_child'].get('logger'), 1)}, {fmt(runs[n]['per_child'].get('postgres'), 1)}"
+           for n in names] + ["", ""],
+        ["CPU ms per child until connected: the kernel's rest; the VM's host (steal)"]
+        + [f"{fmt(runs[n]['per_child'].get('kernel and this bench'), 1)}; "
+           f"{fmt(runs[n]['per_child'].get('steal'), 1)}" for n in names]
+        + [f"; {fmt(floor.get('steal_per_child_ms'), 1)}", ""],
     ]
     timing = results.table(["measure (seconds)"] + names + ["bare forks (the floor)", "target"], timing_rows)
     rate_note = ""

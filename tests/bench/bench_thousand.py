@@ -55,6 +55,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -382,10 +383,18 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
         wait_for(lambda: "logger ready" in stack.output("logger"), 30, "the logger to be ready")
         feed = stack.feed("monitor_cycle")
 
-        def monitor_family() -> list[int]:
-            proc = stack.procs.get("monitor")
-            return [proc.pid, *descendants(proc.pid)] if proc is not None else []
-        groups = {"monitor + zygote + children": monitor_family, "logger": lambda: [stack.pid("logger")],
+        seen: dict = {}
+
+        def family(part: str) -> Callable[[], list[int]]:
+            def pids() -> list[int]:
+                if "monitor" not in stack.procs:
+                    return []
+                if time.monotonic() - seen.get("at", -10.0) > 1.0:  # one /proc scan per meter reading
+                    seen.update(at=time.monotonic(), family=_family(stack))
+                return seen["family"][part]
+            return pids
+        groups = {"monitor": family("monitor"), "zygote": family("zygote"), "children": family("children"),
+                  "logger": lambda: [stack.pid("logger")],
                   "mosquitto": lambda: [broker.proc.pid],
                   "postgres": lambda: [durable_pg.proc.pid, *descendants(durable_pg.proc.pid)],
                   "publishers": lambda: [pub.pid for pub in pubs]}
@@ -408,6 +417,7 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
             time.sleep(0.25)
         meter.stop()
         f["connect_cpu"], f["connect_disturbed"] = meter.describe(), meter.disturbed()
+        f["connect_cpu_per_child"] = meter.per_item(p.n, skip=("publishers",))
         f["connected"] = connected
         f["t_all_connected"] = time.time()
         row = stack.sql.one("SELECT extract(epoch FROM max(last_connected_at))::float8 AS last "
@@ -634,6 +644,11 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
         [f"seconds per {PACE_CHUNK} children started, in order: sitelink's spawns / the bare forks",
          ", ".join(fmt(x, 2) for x in f.get("start_pace", [])) + " / "
          + ", ".join(fmt(c["wall_s"], 2) for c in floor.get("forks", [])), ""],
+        ["CPU ms per child started, from the monitor's start to all connected (schedstat; the kernel's rest and "
+         "the host's steal from /proc/stat) / the bare forks' (their child's own, their parent's, steal)",
+         ", ".join(f"{name} {fmt(ms, 1)}" for name, ms in f.get("connect_cpu_per_child", {}).items())
+         + f" / child {fmt(floor.get('child_cpu_ms'), 1)}, parent {fmt(floor.get('parent_cpu_ms'), 1)}, "
+           f"steal {fmt(floor.get('steal_per_child_ms'), 1)}", ""],
         ["bare forks: one fork's duration per 250 children, median (ms)",
          ", ".join(fmt(c["median_ms"], 2) for c in floor.get("forks", [])), ""],
         [f"first cycle (reads {p.rows:,} rows, claims and spawns the first batch of children) (ms)",
@@ -662,10 +677,10 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
             + f"; each child ran {fmt(idle_cpu['child_wakeups'], 1)} times a second, median)"
             + (f" **{idle_cpu['disturbed']}**" if idle_cpu["disturbed"] else ""))
         if idle_cpu is not None:
-            rows.insert(10, ["... the floor under it: CPU this machine charges a bare Python process for one "
+            rows.insert(11, ["... the floor under it: CPU this machine charges a bare Python process for one "
                              "wake-up with nothing to do, after sleeping 1 s / 10 s (ms, schedstat, median)",
                              " / ".join(fmt(idle_cpu["wake_ms"].get(s), 2) for s in (1.0, 10.0)), ""])
-        rows.insert(10, [f"{p.n} connected idle sites: CPU of the whole stack (monitor, zygote, children, "
+        rows.insert(11, [f"{p.n} connected idle sites: CPU of the whole stack (monitor, zygote, children, "
                          f"logger, Mosquitto, PostgreSQL), % of one core, with the services' defaults "
                          f"(the monitor restarted without SITELINK_MONITOR_INTERVAL)", shown,
                          f"<= {p.idle_cpu_pct:g} %: " + results.verdict(pct, p.idle_cpu_pct, higher_is_better=False)])

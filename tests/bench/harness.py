@@ -274,11 +274,18 @@ def broker_connection_holders(pids: Iterable[int], broker_port: int) -> list[int
 
 
 def system_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot (all cores, /proc/stat)."""
+    """CPU seconds the whole machine has been busy since boot (all cores, /proc/stat),
+    the time the host took from this VM (steal) included."""
+    return sum(system_busy_and_steal())
+
+
+def system_busy_and_steal() -> tuple[float, float]:
+    """CPU seconds since boot (all cores, /proc/stat): this machine busy itself, and
+    the time a VM's host ran something else while this machine had work (steal)."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
 def busy_cores(interval: float = 1.0) -> float:
@@ -348,7 +355,8 @@ class CpuMeter:
     load, which makes a measurement ``disturbed()``. What remains of the
     machine's busy time (/proc/stat) is the kernel's own, charged to no
     process; it is shown but is no disturbance (creating 200 processes costs
-    the kernel much of it).
+    the kernel much of it). On a VM, the time its host ran something else while
+    this machine had work (steal) is shown apart: the machine was slower then.
     """
 
     FOREIGN = "other processes"
@@ -366,6 +374,9 @@ class CpuMeter:
         self._t0 = 0.0
         self._busy0 = 0.0
         self.system = 0.0  # CPU seconds of the whole machine over the window
+        #: Of which the host took (steal): a VM slowed by its neighbours, not by us.
+        self.steal = 0.0
+        self._steal0 = 0.0
 
     def _sample(self) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
@@ -396,7 +407,7 @@ class CpuMeter:
         # Reading thousands of processes takes a while (precise: up to a second
         # for 2000 children): the window runs from the middle of one reading to
         # the middle of the other.
-        self._busy0 = system_busy_seconds()
+        self._busy0, self._steal0 = system_busy_and_steal()
         reading_from = time.monotonic()
         self._start = self._sample()
         self._t0 = (reading_from + time.monotonic()) / 2
@@ -405,7 +416,9 @@ class CpuMeter:
         reading_from = time.monotonic()
         end = self._sample()
         self.seconds = (reading_from + time.monotonic()) / 2 - self._t0
-        self.system = system_busy_seconds() - self._busy0
+        busy, steal = system_busy_and_steal()
+        self.steal = steal - self._steal0
+        self.system = busy - self._busy0 + self.steal
         for name, pids in end.items():
             before = self._start.get(name, {})
             # A process gone by now was reaped by its parent, whose figure now holds
@@ -417,6 +430,15 @@ class CpuMeter:
             else:
                 self.used[name] = used
         return self.used
+
+    def per_item(self, n: int, skip: tuple[str, ...] = ()) -> dict[str, float]:
+        """CPU ms per item over the window (e.g. per child started) by group, with the
+        kernel's rest and, on a VM, what its host took (steal)."""
+        out = {name: 1000 * used / n for name, used in self.used.items() if name not in skip}
+        out["kernel and this bench"] = 1000 * (self.system - self.steal - sum(self.used.values())
+                                               - self.foreign) / n
+        out["steal"] = 1000 * self.steal / n
+        return out
 
     @property
     def other(self) -> float:
@@ -434,9 +456,11 @@ class CpuMeter:
         if not self.seconds:
             return ""
         parts = [f"{name} {100 * used / self.seconds:.0f}%" for name, used in self.used.items()]
-        kernel = self.system - sum(self.used.values()) - self.foreign
+        kernel = self.system - self.steal - sum(self.used.values()) - self.foreign
         parts.append(f"other processes {100 * self.foreign / self.seconds:.0f}%")
         parts.append(f"kernel and this bench {100 * kernel / self.seconds:.0f}%")
+        if self.steal >= 0.005 * self.seconds:
+            parts.append(f"taken by the VM's host (steal) {100 * self.steal / self.seconds:.0f}%")
         parts.append(f"machine {100 * self.system / self.seconds:.0f}% of {os.cpu_count() * 100}%")
         return ", ".join(parts)
 
@@ -582,11 +606,14 @@ def bare_fork_run(broker_port: int, n: int, tmp: Path, timeout: float = 120.0, k
     paho, pyzmq and msgpack, each connecting, subscribing and saying so over
     ZeroMQ) for ``n`` children: its timings, and, while they are connected, the
     children's CPU (schedstat) and memory and the parent's CPU."""
+    _, steal_before = system_busy_and_steal()
     proc = LineProcess([sys.executable, str(BENCH_DIR / "reference_forks.py"), "--port", str(broker_port),
                         "--children", str(n), "--timeout", str(timeout)], tmp / f"reference-forks-{n}-{k}.err",
                        stdin=True)
     try:
         figures = json.loads(proc.expect("{", timeout + 60))
+        # From the run's start to all connected, and a little of its start-up (under 0.1 s)
+        figures["steal_per_child_ms"] = 1000 * (system_busy_and_steal()[1] - steal_before) / max(1, n)
         pids = figures.pop("pids")
         cpu = [c for p in pids if (c := run_seconds(p)) is not None]
         mems = [m for p in pids if (m := memory(p)) is not None]
