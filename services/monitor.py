@@ -551,10 +551,9 @@ class Monitor:
             # One fence for the whole batch, before its first child: it must cover each of
             # them (claimed at claimed_at), and working it out per child cost O(records).
             self._publish_fence(also=claimed_at + self.settings.lease_trusted)
-            started = [(rec, pid) for rec in starting
-                       if (pid := self._start(rec, won[rec.connection_id], claimed_at)) is not None]
+            started = self._start(starting, won, claimed_at)
             if started:
-                # One line per batch, not one per child: between two children the zygote waits for us.
+                # One line per batch, not one per child.
                 logger.info("started {} connection(s): {}", len(started),
                             ", ".join(f"{rec.connection_id} (pid {pid}, epoch {rec.epoch})" for rec, pid in started))
             self._lap("start")
@@ -574,40 +573,46 @@ class Monitor:
             # BACKOFF/HELD/FATAL -> RELEASING
             self.change_state(rec, S.RELEASING)
 
-    def _start(self, rec: Record, epoch: int, claimed_at: float) -> int | None:
-        """Start a child for a connection just claimed under ``epoch``; return its PID, if one started.
+    def _start(self, starting: list[Record], won: dict[int, int], claimed_at: float) -> list[tuple[Record, int]]:
+        """Start a child for each connection just claimed (under the epoch ``won``
+        says); return those started, with their PIDs.
 
         The caller has published a fence that covers ``claimed_at`` (``_publish_fence``)."""
-        assert rec.settings is not None
-        problems = rec.settings.problems()
-        if problems:
-            # IDLE -> HELD, BACKOFF -> HELD: a row we cannot start, reported under our claim
-            self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint,
-                              epoch=epoch, lease_from=claimed_at)
-            self._report(rec, "error", "cannot start: " + "; ".join(problems))
-            return None
-        # IDLE -> STARTING, BACKOFF -> STARTING
-        self.change_state(rec, S.STARTING, epoch=epoch, lease_from=claimed_at)
-        settings = dataclasses.replace(rec.settings, epoch=epoch, reset_session=rec.reset_session)
-        try:
-            pid = self.processes.spawn(settings)
-        except SpawnRefused as exc:  # these settings' fault, not the zygote's: it keeps serving
-            # STARTING -> HELD: reported under our claim, until the row changes
-            self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint)
-            self._report(rec, "error", f"cannot start: {exc}")
-            return None
-        except SpawnError as exc:
-            logger.error("cannot start a child for connection {}: {}", rec.connection_id, exc)
-            self.events.send(ConnectionLog(connection_id=rec.connection_id, level="ERROR",
-                                           message=f"cannot start a child process: {exc}",
-                                           exception_type=type(exc.__cause__ or exc).__name__))
-            # STARTING -> BACKOFF
-            self.change_state(rec, S.BACKOFF, until=self.clock() + backoff.delay(
-                rec.crashes + 1, self.settings.restart_base, self.settings.restart_cap))
-            return None
-        # STARTING -> RUNNING
-        self.change_state(rec, S.RUNNING, pid=pid, running=settings, reset_session=False)
-        return pid
+        ready: list[tuple[Record, ConnectionSettings]] = []
+        for rec in starting:
+            assert rec.settings is not None
+            epoch = won[rec.connection_id]
+            problems = rec.settings.problems()
+            if problems:
+                # IDLE -> HELD, BACKOFF -> HELD: a row we cannot start, reported under our claim
+                self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint,
+                                  epoch=epoch, lease_from=claimed_at)
+                self._report(rec, "error", "cannot start: " + "; ".join(problems))
+                continue
+            # IDLE -> STARTING, BACKOFF -> STARTING
+            self.change_state(rec, S.STARTING, epoch=epoch, lease_from=claimed_at)
+            ready.append((rec, dataclasses.replace(rec.settings, epoch=epoch, reset_session=rec.reset_session)))
+        # All at once: the zygote forks them in a row (cheaper than one by one).
+        answers = self.processes.spawn_many([settings for _, settings in ready]) if ready else []
+        started = []
+        for (rec, settings), answer in zip(ready, answers):
+            if isinstance(answer, SpawnRefused):  # these settings' fault, not the zygote's: it keeps serving
+                # STARTING -> HELD: reported under our claim, until the row changes
+                self.change_state(rec, S.HELD, until=FOREVER, held_for=rec.settings.fingerprint)
+                self._report(rec, "error", f"cannot start: {answer}")
+            elif isinstance(answer, SpawnError):
+                logger.error("cannot start a child for connection {}: {}", rec.connection_id, answer)
+                self.events.send(ConnectionLog(connection_id=rec.connection_id, level="ERROR",
+                                               message=f"cannot start a child process: {answer}",
+                                               exception_type=type(answer.__cause__ or answer).__name__))
+                # STARTING -> BACKOFF
+                self.change_state(rec, S.BACKOFF, until=self.clock() + backoff.delay(
+                    rec.crashes + 1, self.settings.restart_base, self.settings.restart_cap))
+            else:
+                # STARTING -> RUNNING
+                self.change_state(rec, S.RUNNING, pid=answer, running=settings, reset_session=False)
+                started.append((rec, answer))
+        return started
 
     def _publish_fence(self, also: float | None = None) -> None:
         """Tell the children until when our claims on them hold (they stop by themselves after);

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from services.zygote import Zygote
+from services.zygote import SpawnRefused, Zygote
 from shared import config, process
 from shared.connections import ConnectionSettings
 from shared.runfile import InstanceLock, RunState
@@ -90,27 +90,40 @@ class Processes:
         assert self.state is not None
         self.state.publish_fence(until)
 
-    def spawn(self, settings: ConnectionSettings) -> int:
-        """Start a child for ``settings``; return its PID. Raises ``SpawnError``."""
+    def spawn_many(self, many: list[ConnectionSettings]) -> list[int | SpawnRefused | SpawnError]:
+        """Start a child for each of ``many``: for each, in order, its PID, the
+        ``SpawnRefused`` that says why its settings cannot be used (the zygote
+        is fine), or ``SpawnError`` when no child could be started (the zygote
+        failed twice). Several at a time: the zygote forks them in a row."""
         assert self.zygote is not None and self.state is not None
-        settings = dataclasses.replace(settings, monitor_pid=os.getpid(), state_fd=self.state.fd)
-        try:
-            # The password travels on a socket, never in argv. SpawnRefused (the
-            # settings' fault) goes to the caller: the zygote is fine.
-            pid = self.zygote.spawn(settings)
-        except (OSError, ChildProcessError) as exc:
-            logger.warning("the zygote failed ({}); starting a new one", exc)
-            self.zygote.discard()
+        # The password travels on a socket, never in argv.
+        prepared = [dataclasses.replace(settings, monitor_pid=os.getpid(), state_fd=self.state.fd)
+                    for settings in many]
+        out: list[int | SpawnRefused | SpawnError] = []
+        failures = 0
+        while len(out) < len(prepared):
             try:
-                pid = self.zygote.spawn(settings)
-            except (OSError, ChildProcessError) as again:
+                for answer in self.zygote.spawn_many(prepared[len(out):]):
+                    failures = 0
+                    if not isinstance(answer, SpawnRefused):
+                        self._adopt(answer, prepared[len(out)].connection_id)
+                    out.append(answer)
+            except (OSError, ChildProcessError) as exc:
                 self.zygote.discard()
-                raise SpawnError(str(again)) from again
-        self._connection_of[pid] = settings.connection_id
+                failures += 1
+                if failures == 2:  # a new zygote failed too: none of the rest can start now
+                    error = SpawnError(str(exc))
+                    error.__cause__ = exc
+                    out += [error] * (len(prepared) - len(out))
+                else:
+                    logger.warning("the zygote failed ({}); starting a new one", exc)
+        return out
+
+    def _adopt(self, pid: int, connection_id: int) -> None:
+        self._connection_of[pid] = connection_id
         status = self._early.pop(pid, None)
         if status is not None:  # it exited before we knew its PID
             self._pending.append(self._exit(pid, status))
-        return pid
 
     def signal(self, pid: int, sig: int) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import socket
 import time
 from types import SimpleNamespace
 
@@ -19,8 +20,11 @@ import pytest
 
 from services import connection
 from services.connection import TICK, TIMER_SLACK, ConnectionChild
-from services.zygote import CLONE_SYSCALL, Zygote
+from services.processes import Processes, SpawnError
+from services.zygote import CLONE_SYSCALL, FORK_BATCH, SpawnRefused, Zygote
+from shared import runfile
 from shared.connections import ConnectionSettings
+from shared.runfile import RunState
 from tests.support import comm, free_port, wait_for
 
 
@@ -54,6 +58,83 @@ def test_a_child_is_its_monitors_child_from_the_start_and_its_exit_status_reache
         zygote_pid = zygote.pid
         zygote.close()  # it exits when its control socket closes
         os.waitpid(zygote_pid, 0)
+
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """The monitor's ``Processes`` with its zygote and state file, in this test
+    process (not made a subreaper: the zygote's children are ours anyway);
+    every child it started is killed and reaped at the end."""
+    procs = Processes(SimpleNamespace(run_dir=tmp_path / "run", database_url="postgresql://t/t", instance_id="t"))
+    procs.state = RunState.create(tmp_path / "run")
+    procs.state.publish_fence(runfile.clock() + 120)  # the children keep trying meanwhile
+    procs.zygote = Zygote(inherit=(procs.state.fd, procs.lock.fd))
+    procs.zygote.start()
+    zygotes = [procs.zygote.pid]
+    yield procs, zygotes
+    for pid in procs._connection_of:
+        os.kill(pid, signal.SIGKILL)
+    zygotes.append(procs.zygote.pid)
+    procs.close()
+    for pid in [*procs._connection_of, *zygotes]:
+        try:
+            os.waitpid(pid, 0)
+        except (ChildProcessError, TypeError):
+            pass
+
+
+def _start_request(cid: int, **kw) -> ConnectionSettings:
+    # Nobody listens on this port: a started child keeps retrying until it is killed.
+    return ConnectionSettings(**{**dict(connection_id=cid, site_id=cid, broker_host="127.0.0.1",
+                                        broker_port=free_port()), **kw})
+
+
+@pytest.mark.skipif(platform.machine() not in CLONE_SYSCALL, reason="the zygote forks through an intermediate here")
+def test_children_start_in_batches_each_with_its_own_settings_and_a_refusal_in_its_place(processes):
+    procs, _ = processes
+    # More than one batch (FORK_BATCH), unusable settings among them (an unknown parser).
+    ids = range(1, 2 * FORK_BATCH + 4)
+    answers = procs.spawn_many([_start_request(cid, parser_name="nope" if cid % 5 == 0 else "json") for cid in ids])
+    assert len(answers) == len(ids)
+    for cid, answer in zip(ids, answers):
+        if cid % 5 == 0:
+            assert isinstance(answer, SpawnRefused) and "unknown parser 'nope'" in str(answer)
+        else:
+            assert isinstance(answer, int) and _parent(answer) == os.getpid()
+    started = {pid: cid for cid, pid in zip(ids, answers) if isinstance(pid, int)}
+    # Each PID is the child of the connection it was answered for.
+    wait_for(lambda: all(comm(pid) == f"sitelink-c{cid}" for pid, cid in started.items()), 30,
+             "each child to name itself")
+    assert procs._connection_of == started
+
+
+@pytest.mark.skipif(platform.machine() not in CLONE_SYSCALL, reason="the zygote forks through an intermediate here")
+def test_a_dead_zygote_is_replaced_and_its_batch_started_by_the_new_one(processes):
+    procs, zygotes = processes
+    os.kill(zygotes[0], signal.SIGKILL)
+    os.waitpid(zygotes[0], 0)
+    answers = procs.spawn_many([_start_request(cid) for cid in (1, 2, 3)])
+    assert all(isinstance(pid, int) for pid in answers), answers
+    assert procs.zygote.pid not in (None, zygotes[0])
+    wait_for(lambda: [comm(pid) for pid in answers] == ["sitelink-c1", "sitelink-c2", "sitelink-c3"], 30,
+             "the children to name themselves")
+
+
+@pytest.mark.skipif(platform.machine() not in CLONE_SYSCALL, reason="the zygote forks through an intermediate here")
+def test_when_a_new_zygote_fails_too_the_whole_batch_is_a_spawn_error(processes, monkeypatch):
+    procs, zygotes = processes
+
+    def broken_start(self) -> None:  # a zygote that is gone before it answers
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.close()
+        self.control, self.proc = ours, None
+    monkeypatch.setattr(Zygote, "start", broken_start)
+    procs.zygote.discard()
+    os.waitpid(zygotes.pop(), 0)
+    answers = procs.spawn_many([_start_request(cid) for cid in (1, 2, 3)])
+    assert [type(a) for a in answers] == [SpawnError] * 3
+    assert procs._connection_of == {}
 
 
 # --- the loop's timers: a connected idle child sleeps until the first is due ----------------------

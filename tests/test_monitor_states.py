@@ -16,6 +16,7 @@ from services.fleet import Fleet, MembershipLost, Occupied, Outage, Snapshot, sh
 from services.monitor import CLAIM_BATCH, Monitor, Record
 from services.processes import Exit, SpawnError
 from services.states import CHILD_TRANSITIONS, ChildStatus, ConnState, IllegalTransition
+from services.zygote import SpawnRefused
 from shared import config, db, exitcodes
 from shared.connections import BROKER_FIELDS
 from shared.protocol import ConnectionLog, StatusChange
@@ -49,6 +50,7 @@ class FakeProcesses:
         self.next_pid = 100
         self.instance_free = True
         self.spawn_fails = False
+        self.refused: set[int] = set()  # connection ids whose settings the zygote refuses
         self.stop_on_sigterm = True  # a well-behaved child exits when told to
         self.closed = False
 
@@ -57,13 +59,19 @@ class FakeProcesses:
     def acquire_instance(self) -> bool:
         return self.instance_free
 
-    def spawn(self, settings) -> int:
+    def spawn_many(self, many) -> list:
         if self.spawn_fails:
-            raise SpawnError("the zygote could not fork")
+            return [SpawnError("the zygote could not fork") for _ in many]
         assert self.clock() < self.fence, "a child started without a fence covering it"
-        self.next_pid += 1
-        self.children[self.next_pid] = settings
-        return self.next_pid
+        pids: list = []
+        for settings in many:
+            if settings.connection_id in self.refused:
+                pids.append(SpawnRefused("the zygote refused these settings"))
+                continue
+            self.next_pid += 1
+            self.children[self.next_pid] = settings
+            pids.append(self.next_pid)
+        return pids
 
     def signal(self, pid: int, sig: int) -> None:
         self.signals.append((pid, sig))
@@ -385,6 +393,17 @@ def test_a_child_that_does_not_stop_is_killed_after_the_grace_period(world):
     assert world.state(1) is S.RELEASING
     [status] = world.events.statuses(1)
     assert status.status == "disconnected" and status.final and status.epoch == 1
+
+
+def test_in_one_batch_of_starts_a_refused_row_is_held_and_the_others_run(world):
+    world.processes.refused = {2}
+    for cid in (1, 2, 3):
+        world.fleet.add(cid)
+    world.pass_()
+    assert [world.state(cid) for cid in (1, 2, 3)] == [S.RUNNING, S.HELD, S.RUNNING]
+    assert sorted(s.connection_id for s in world.processes.children.values()) == [1, 3]
+    [status] = world.events.statuses(2)
+    assert status.status == "error" and "cannot start: the zygote refused" in status.message
 
 
 def test_a_failed_spawn_backs_off(world):
