@@ -63,8 +63,8 @@ from pathlib import Path
 import pytest
 
 from tests.bench import results
-from tests.bench.harness import (BENCH_DIR, CpuMeter, LineProcess, bare_forks, descendants, describe_broker,
-                                 describe_pg, env_float, env_int, fmt, median, memory, percentile,
+from tests.bench.harness import (BENCH_DIR, CpuMeter, LineProcess, StealSampler, bare_forks, descendants,
+                                 describe_broker, describe_pg, env_float, env_int, fmt, median, memory, percentile,
                                  service_defaults, start_time, threads_cpu_and_wakeups, wait_until_quiet)
 from tests.stack import SQL, Stack
 from tests.support import (Mosquitto, alive, children_of, comm, remove_tree, wait_for,
@@ -377,6 +377,8 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
     _seed(url, broker.port, p)
     stack = Stack(url, broker, tmp)
     pubs: list[LineProcess] = []
+    steal = f["steal"] = StealSampler()  # a slow cycle against what the VM's host took meanwhile
+    steal.__enter__()
     try:
         service_defaults(stack, SITELINK_MONITOR_INTERVAL=str(INTERVAL))
         stack.start("logger")
@@ -531,6 +533,7 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
                 pass
         f["idle"] = _idle_at_defaults(stack, broker, durable_pg, p) if connected >= p.n and p.idle_seconds > 0 else None
     finally:
+        steal.__exit__()
         for pub in pubs:
             pub.stop()
         kids = _family(stack)["children"] if "monitor" in stack.procs else []
@@ -752,6 +755,14 @@ def _report(f: dict, nofile: tuple[int, int], broker_desc: str, durable_pg, p: P
                        f"monitor timed it (`parts`, ms): {parts}; the steady cycles' medians: "
                        + ", ".join(f"{name} {median([c['parts'].get(name, 0.0) for c in steady]) * 1000:.1f}"
                                    for name in slowest["parts"]))
+
+        def stolen(c: dict) -> float | None:
+            end = _epoch(c["timestamp"])
+            return f["steal"].cores(end - c["duration"], end)
+        taken = [x for c in steady if (x := stolen(c)) is not None]
+        cycle_list += (f". The VM's host took {fmt(stolen(slowest), 2)} cores from this machine during the slowest "
+                       f"cycle (steal, /proc/stat every 50 ms, over the samples around it); during the steady "
+                       f"cycles, median {fmt(median(taken), 2)}, max {fmt(max(taken, default=None), 2)}")
 
     return f"""`tests/bench/bench_thousand.py`{scale}: {p.n} active connections (one site each, `stall_after`
 NULL) and {p.rows - p.n:,} inactive ones, {p.rows:,} rows in `mqtt_connection`; logger and monitor as

@@ -288,6 +288,41 @@ def system_busy_and_steal() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
+class StealSampler:
+    """Samples the VM's steal (/proc/stat) every ``every`` s in a thread, so that
+    a slow moment can be matched with what the host took from this machine then."""
+
+    def __init__(self, every: float = 0.05):
+        self.every = every
+        self.samples: list[tuple[float, float]] = []  # (time.time(), steal seconds since boot)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StealSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), system_busy_and_steal()[1]))
+            if self._stop.wait(self.every):
+                return
+
+    def cores(self, start: float, end: float) -> float | None:
+        """Cores the host took on average from ``start`` to ``end`` (time.time()), from
+        the samples around them (so over a little more than that), if sampled."""
+        before = [x for x in self.samples if x[0] <= start]
+        after = [x for x in self.samples if x[0] >= end]
+        if not before or not after:
+            return None
+        (t0, s0), (t1, s1) = before[-1], after[0]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+
 def busy_cores(interval: float = 1.0) -> float:
     """How many cores the machine kept busy over the next ``interval`` s."""
     before = system_busy_seconds()
