@@ -87,6 +87,10 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
     gc.enable()  # from here on only what is allocated after the freeze is collected
     while True:
         requests, closed = _receive(control)
+        if closed:
+            # The monitor closed its end: it is stopping, and could not hear the
+            # PIDs of what it sent last: none of that starts.
+            return 0
         # Every request read and decoded before the first fork: after a fork each
         # page the zygote writes is copied, and decoding one request between two
         # forks wrote some 150 pages (a millisecond of its CPU per child, here).
@@ -102,8 +106,6 @@ def serve(control: socket.socket, monitor_pid: int) -> int:
                 pid = FORK_FAILED
             control.send(PID.pack(pid))  # at once: a PID the monitor has not heard of runs unwatched
         del decoded, requests  # not kept until the next batch (the children have their copy)
-        if closed:
-            return 0  # the monitor closed its end: it is stopping
 
 
 def _receive(control: socket.socket) -> tuple[list[tuple[bytes, int]], bool]:

@@ -22,10 +22,10 @@ from services import connection
 from services.connection import TICK, TIMER_SLACK, ConnectionChild
 from services.processes import Processes, SpawnError
 from services.zygote import CLONE_SYSCALL, FORK_BATCH, SpawnRefused, Zygote
-from shared import runfile
+from shared import protocol, runfile
 from shared.connections import ConnectionSettings
 from shared.runfile import RunState
-from tests.support import comm, free_port, wait_for
+from tests.support import children_of, comm, free_port, wait_for
 
 
 def _parent(pid: int) -> int:
@@ -135,6 +135,26 @@ def test_when_a_new_zygote_fails_too_the_whole_batch_is_a_spawn_error(processes,
     answers = procs.spawn_many([_start_request(cid) for cid in (1, 2, 3)])
     assert [type(a) for a in answers] == [SpawnError] * 3
     assert procs._connection_of == {}
+
+
+
+def test_what_a_monitor_sent_just_before_closing_its_end_is_not_started():
+    """A monitor that closes its end of the socket is stopping: it will not hear
+    the PIDs of its last requests, so the zygote starts none of them."""
+    before = set(children_of(os.getpid()))
+    zygote = Zygote(request_timeout=30)
+    zygote.start()
+    zygote_pid = zygote.pid
+    # Sent and closed while the zygote is still importing: it finds them all, then the end.
+    for cid in (1, 2, 3):
+        zygote.control.send(protocol.encode_settings(_start_request(cid, monitor_pid=os.getpid())))
+    zygote.close()
+    os.waitpid(zygote_pid, 0)
+    started = set(children_of(os.getpid())) - before
+    for pid in started:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not started
 
 
 # --- the loop's timers: a connected idle child sleeps until the first is due ----------------------
