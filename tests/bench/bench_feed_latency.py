@@ -41,7 +41,7 @@ import pytest
 import zmq
 
 from tests.bench import results
-from tests.bench.harness import (WARMUP, CpuMeter, default, broker_connection_holders, descendants,
+from tests.bench.harness import (WARMUP, CpuMeter, StealSampler, default, broker_connection_holders, descendants,
                                  env_float, env_int, fmt, go, measure_quietly, median, percentile, publishers,
                                  service_defaults, wait_until_quiet)
 from tests.stack import Stack
@@ -92,8 +92,12 @@ class FeedRecorder(threading.Thread):
         return None
 
     def latencies(self, cid: int, since: float, until: float) -> list[float]:
+        return [at - sent for sent, at in self.timed(cid, since, until)]
+
+    def timed(self, cid: int, since: float, until: float) -> list[tuple[float, float]]:
+        """(event time, receipt time) of each `connected`/`disconnected` message of ``cid``."""
         with self.lock:
-            return [at - datetime.fromisoformat(body["timestamp"]).timestamp()
+            return [(datetime.fromisoformat(body["timestamp"]).timestamp(), at)
                     for at, _, body in self.received
                     if since <= at <= until and body.get("connection_id") == cid
                     and body.get("status") in ("connected", "disconnected")]
@@ -128,7 +132,9 @@ def _flips(n: int, stack: Stack, broker, feed: FeedRecorder, cid: int, load_pid:
         activations.append(at - t_on)
     until = time.time()
     time.sleep(0.2)  # nothing is expected after the last connected; let stragglers land in the record
-    return {"events": feed.latencies(cid, since, until), "activations": activations, "seconds": until - since}
+    timed = feed.timed(cid, since, until)
+    return {"events": [at - sent for sent, at in timed], "activations": activations, "seconds": until - since,
+            "slowest": max(timed, key=lambda x: x[1] - x[0], default=None)}
 
 
 def _drained(stack: Stack, timeout: float = 120.0) -> None:
@@ -149,6 +155,8 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
     feed = FeedRecorder(stack.env["SITELINK_STATUS_FEED"])
     feed.start()
     figures: dict = {}
+    steal = StealSampler()  # the slowest message against what the VM's host took meanwhile
+    steal.__enter__()
     try:
         load_cid = stack.sql.add_site("load", port=broker.port, keepalive=60)
         service_defaults(stack, SITELINK_MONITOR_INTERVAL="30")
@@ -192,8 +200,13 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
             "AND level NOT IN ('DEBUG', 'INFO') ORDER BY id", load_cid)
         figures["load_status"] = stack.sql.status(load_cid)
     finally:
+        steal.__exit__()
         feed.close()
         stack.close()
+    for phase in ("idle", "overload", "load"):
+        slowest = figures.get(phase, {}).get("slowest")
+        if slowest is not None:
+            figures[phase]["slowest_steal"] = steal.cores(*slowest)
     figures["busy"] = busy
     figures["cpu"] = {phase: m.describe() for phase, m in meters.items()}
     figures["disturbed"] = "; ".join(f"{phase}: {m.disturbed()}" for phase, m in meters.items() if m.disturbed())
@@ -235,6 +248,10 @@ def test_status_feed_latency(databases, broker, durable_pg, tmp_path):
                    f"`{figures['load_status']}`; its non-INFO log rows during the run:\n\n" + "\n".join(
                        f"- {r['timestamp']:%H:%M:%S.%f} {r['level']}: {r['message']}"
                        for r in figures["load_log"][:20]))
+    slowest = "; ".join(
+        f"{label} {fmt((f['slowest'][1] - f['slowest'][0]) * 1000)} ms ({fmt(f.get('slowest_steal'), 2)} cores)"
+        for label, f in (("idle", figures["idle"]), ("under load", load), ("beyond capacity", figures["overload"]))
+        if f.get("slowest"))
     idle_flips = len(figures["idle"]["activations"])
     rank_note = (f"Percentiles are nearest-rank: over {idle_flips} idle flips (fewer than 100), the p99 of "
                  f"UPDATE -> `connected` is the slowest of them.\n\n" if idle_flips < 100 else "")
@@ -261,6 +278,8 @@ Machine load just before each phase (cores busy over 1 s): idle {busy['idle']:.2
 under load {busy['load']:.2f}, beyond capacity {busy['overload']:.2f} (before the publisher started).
 CPU during the flips (% of one core): idle: {figures['cpu']['idle']}; under load: {figures['cpu']['load']};
 beyond capacity: {figures['cpu']['overload']}.
+The slowest message of each phase, and the cores the VM's host took from this machine from its
+event to its receipt (steal, /proc/stat every 50 ms, over the samples around it): {slowest}.
 {disturbed}{trouble}"""
     results.update_section("Status feed latency", body)
     print("\n" + body, flush=True)
