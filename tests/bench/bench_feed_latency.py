@@ -155,8 +155,7 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
     feed = FeedRecorder(stack.env["SITELINK_STATUS_FEED"])
     feed.start()
     figures: dict = {}
-    steal = StealSampler()  # the slowest message against what the VM's host took meanwhile
-    steal.__enter__()
+    steal = StealSampler().start()  # the slowest message against what the VM's host took meanwhile
     try:
         load_cid = stack.sql.add_site("load", port=broker.port, keepalive=60)
         service_defaults(stack, SITELINK_MONITOR_INTERVAL="30")
@@ -200,7 +199,7 @@ def _measure(bench_db: str, broker, durable_pg, tmp_path: Path) -> dict:
             "AND level NOT IN ('DEBUG', 'INFO') ORDER BY id", load_cid)
         figures["load_status"] = stack.sql.status(load_cid)
     finally:
-        steal.__exit__()
+        steal.stop()
         feed.close()
         stack.close()
     for phase in ("idle", "overload", "load"):

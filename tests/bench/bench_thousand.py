@@ -377,8 +377,7 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
     _seed(url, broker.port, p)
     stack = Stack(url, broker, tmp)
     pubs: list[LineProcess] = []
-    steal = f["steal"] = StealSampler()  # a slow cycle against what the VM's host took meanwhile
-    steal.__enter__()
+    steal = f["steal"] = StealSampler().start()  # a slow cycle against what the VM's host took meanwhile
     try:
         service_defaults(stack, SITELINK_MONITOR_INTERVAL=str(INTERVAL))
         stack.start("logger")
@@ -533,7 +532,7 @@ def _run(url: str, broker: Mosquitto, durable_pg, tmp: Path, p: Plan) -> dict:
                 pass
         f["idle"] = _idle_at_defaults(stack, broker, durable_pg, p) if connected >= p.n and p.idle_seconds > 0 else None
     finally:
-        steal.__exit__()
+        steal.stop()
         for pub in pubs:
             pub.stop()
         kids = _family(stack)["children"] if "monitor" in stack.procs else []
