@@ -138,6 +138,35 @@ def test_when_a_new_zygote_fails_too_the_whole_batch_is_a_spawn_error(processes,
 
 
 
+@pytest.mark.skipif(platform.machine() not in CLONE_SYSCALL, reason="the zygote forks through an intermediate here")
+def test_garbage_within_a_batch_is_refused_in_its_place_and_the_rest_start():
+    """Whatever bytes sit among a batch's requests (not msgpack, msgpack that is not
+    settings, empty-ish, settings with problems), each gets its own answer, in order."""
+    zygote = Zygote(request_timeout=30)
+    zygote.start()
+    zygote_pid, started = zygote.pid, []
+    def good(cid: int) -> bytes:
+        return protocol.encode_settings(_start_request(cid, monitor_pid=os.getpid()))
+    bad = [b"garbage", b"\x81\xa1v\x01", b"\xc1", protocol.encode_settings(_start_request(9, parser_name="nope"))]
+    requests = [good(1), *bad[:2], good(2), *bad[2:], good(3)]
+    try:
+        for frame in requests:  # all sent before any answer is read: the zygote takes them in batches
+            zygote.control.send(frame)
+        answers = [zygote._answer() for _ in requests]
+        started = [a for a in answers if isinstance(a, int)]
+        kinds = ["pid" if isinstance(a, int) else "refused" for a in answers]
+        assert kinds == ["pid", "refused", "refused", "pid", "refused", "refused", "pid"]
+        assert "unknown parser 'nope'" in str(answers[5])
+        wait_for(lambda: [comm(pid) for pid in started] == ["sitelink-c1", "sitelink-c2", "sitelink-c3"], 30,
+                 "each child to be its own connection's")
+    finally:
+        for pid in started:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        zygote.close()
+        os.waitpid(zygote_pid, 0)
+
+
 def test_what_a_monitor_sent_just_before_closing_its_end_is_not_started():
     """A monitor that closes its end of the socket is stopping: it will not hear
     the PIDs of its last requests, so the zygote starts none of them."""
